@@ -1,0 +1,1 @@
+"""Shared code for the stage scripts: arguments, data, models, training glue and generation."""

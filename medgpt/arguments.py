@@ -1,0 +1,166 @@
+"""Command-line and config-file arguments shared by every stage script.
+
+A script declares its dataclasses and calls `parse_args`. The first argument may be a YAML or JSON config
+file; flags given after it override the file. Unknown flags and unknown config keys are errors.
+"""
+
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field, fields
+
+import torch
+import yaml
+from transformers import HfArgumentParser
+
+from medgpt.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Base model: a local folder or a hub id (hub ids need network)."}
+    )
+    tokenizer_name_or_path: str | None = field(default=None, metadata={"help": "Defaults to the model's folder."})
+    template_name: str = field(
+        default="auto",
+        metadata={"help": "Conversation template from template.py, or 'auto' for the model's own chat_template."},
+    )
+    trust_remote_code: bool = field(default=False, metadata={"help": "Run code shipped with the model (off by default)."})
+    torch_dtype: str = field(
+        default="auto",
+        metadata={"help": "auto (bf16 on GPUs that support it, else fp16 on GPU, fp32 on CPU), float32, bfloat16, float16."},
+    )
+    attn_implementation: str | None = field(
+        default=None, metadata={"help": "eager, sdpa or flash_attention_2; default: the library's choice."}
+    )
+    load_in_4bit: bool = field(default=False, metadata={"help": "Load base weights in 4 bit (bitsandbytes)."})
+    load_in_8bit: bool = field(default=False, metadata={"help": "Load base weights in 8 bit (bitsandbytes)."})
+    qlora: bool = field(default=False, metadata={"help": "QLoRA: 4-bit NF4 base with double quantization + LoRA."})
+    cache_dir: str | None = field(default=None, metadata={"help": "Where hub downloads are cached."})
+
+    def __post_init__(self):
+        if self.load_in_4bit and self.load_in_8bit:
+            raise InputError("--load_in_4bit and --load_in_8bit exclude each other")
+        if self.qlora:
+            self.load_in_4bit = True
+
+
+@dataclass
+class LoraArguments:
+    use_peft: bool = field(default=False, metadata={"help": "Train a LoRA adapter instead of all weights."})
+    target_modules: str = field(
+        default="all", metadata={"help": "'all' for every linear layer, or a comma list such as q_proj,v_proj."}
+    )
+    lora_rank: int = field(default=8, metadata={"help": "LoRA rank r."})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scaling alpha."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input (0 is faster on CPU)."})
+    modules_to_save: str | None = field(
+        default=None, metadata={"help": "Comma list of modules trained in full beside LoRA, e.g. embed_tokens,lm_head."}
+    )
+    peft_path: str | None = field(
+        default=None, metadata={"help": "Continue training this adapter (e.g. the previous stage's output)."}
+    )
+
+
+@dataclass
+class DataArguments:
+    train_file_dir: str | None = field(
+        default=None, metadata={"help": "Folder (searched recursively) or file of .jsonl/.json/.txt training data."}
+    )
+    validation_file_dir: str | None = field(default=None, metadata={"help": "Folder or file of validation data."})
+    validation_split_percentage: float = field(
+        default=0.0,
+        metadata={"help": "Without --validation_file_dir: hold out this percent of the training records."},
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training records."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use at most this many validation records."})
+    skip_invalid_records: bool = field(
+        default=False, metadata={"help": "Skip bad records (and report how many and why) instead of stopping."}
+    )
+
+    def __post_init__(self):
+        if not 0 <= self.validation_split_percentage < 100:
+            raise InputError("--validation_split_percentage must be in [0, 100)")
+
+
+def cuda_bf16_available() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def hardware_defaults(parser: HfArgumentParser) -> dict:
+    """Defaults that depend on the machine: fp32 on CPU, bf16 (else fp16) on GPU; TensorBoard logs."""
+    known = {action.dest for action in parser._actions}
+    defaults = {
+        "bf16": cuda_bf16_available(),
+        "fp16": torch.cuda.is_available() and not cuda_bf16_available(),
+        "use_cpu": not torch.cuda.is_available(),
+        "gradient_checkpointing": False,
+        "report_to": ["tensorboard"],
+        "ddp_find_unused_parameters": False,
+    }
+    return {key: value for key, value in defaults.items() if key in known}
+
+
+def load_config_file(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise InputError("config file not found", path)
+    with open(path, encoding="utf-8") as handle:
+        try:
+            config = json.load(handle) if path.endswith(".json") else yaml.safe_load(handle)
+        except (json.JSONDecodeError, yaml.YAMLError) as error:
+            raise InputError(f"cannot parse config: {error}".splitlines()[0], path) from None
+    if config is None:
+        return {}
+    if not isinstance(config, dict):
+        raise InputError("a config file must hold a mapping of option: value", path)
+    return config
+
+
+def parse_args(dataclass_types, argv: list[str] | None = None):
+    """Parse `[config.yaml|config.json] [--flag value ...]` into the given dataclasses."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser(dataclass_types, allow_abbrev=False)
+    parser.set_defaults(**hardware_defaults(parser))
+    if argv and argv[0].endswith((".yaml", ".yml", ".json")) and not argv[0].startswith("-"):
+        config_path = argv.pop(0)
+        config = load_config_file(config_path)
+        known = {action.dest for action in parser._actions}
+        for key in config:
+            if key not in known:
+                raise InputError(f"unknown option '{key}'", config_path)
+        parser.set_defaults(**config)
+    try:
+        return parser.parse_args_into_dataclasses(args=argv)
+    except InputError:
+        raise
+    except (ValueError, TypeError) as error:
+        # Dataclass validation (e.g. TrainingArguments.__post_init__) rejects a combination of options.
+        raise InputError(f"invalid options: {error}".splitlines()[0]) from None
+
+
+def comma_list(value: str | None) -> list[str] | None:
+    if not value:
+        return None
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def setup_logging(training_args=None) -> None:
+    main_process = training_args is None or training_args.process_index == 0
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        level=logging.INFO if main_process else logging.WARNING,
+        force=True,
+    )
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    import transformers
+
+    transformers.utils.logging.set_verbosity_warning()
+
+
+def dataclass_fields(cls) -> set[str]:
+    return {f.name for f in fields(cls)}

@@ -1,0 +1,278 @@
+"""Reading training data: file discovery, record formats, validation and train/validation splits.
+
+Every stage reads its files through `load_records`. Each record is converted to one internal shape
+(`{"messages": [...]}` for conversations, `{"text": ...}` for pretraining text); a record that cannot be
+converted is an `InputError` naming `path:line`, or, with `--skip_invalid_records`, a counted rejection.
+"""
+
+import json
+import logging
+import os
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+
+from medgpt.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+DATA_SUFFIXES = (".jsonl", ".json", ".txt")
+
+# ShareGPT speaker names (and OpenAI roles) -> the roles templates know.
+ROLE_ALIASES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+    "function_call": "assistant",  # the model's tool call is something it must learn to say
+    "observation": "tool",
+    "tool": "tool",
+}
+PROMPT_ROLES = ("user", "tool")
+
+
+class RecordError(ValueError):
+    """What is wrong with one record; `kind` groups rejections in the report."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass
+class DataReport:
+    """Counts for one split, logged at the end of preparation: nothing is dropped without a count."""
+
+    name: str
+    read: int = 0
+    kept: int = 0
+    truncated: int = 0
+    rejected: Counter = field(default_factory=Counter)
+    examples: dict = field(default_factory=dict)
+
+    def reject(self, kind: str, where: str) -> None:
+        self.rejected[kind] += 1
+        self.examples.setdefault(kind, where)
+
+    def summary(self) -> str:
+        text = (
+            f"{self.name}: read {self.read} records, kept {self.kept}, truncated {self.truncated}, "
+            f"rejected {sum(self.rejected.values())}"
+        )
+        for kind, count in self.rejected.most_common():
+            text += f"\n  rejected {count} x {kind} (first at {self.examples[kind]})"
+        return text
+
+    def log(self) -> None:
+        logger.info(self.summary())
+
+
+def find_data_files(path: str) -> list[str]:
+    """A file, or every .jsonl/.json/.txt file below a folder (sorted, so runs are repeatable)."""
+    if not os.path.exists(path):
+        raise InputError("no such file or folder", path)
+    if os.path.isfile(path):
+        return [path]
+    files = []
+    for root, dirs, names in os.walk(path):
+        dirs.sort()
+        files += [os.path.join(root, name) for name in sorted(names) if name.endswith(DATA_SUFFIXES)]
+    if not files:
+        raise InputError(f"no {'/'.join(DATA_SUFFIXES)} files in this folder", path)
+    return files
+
+
+def read_raw_records(path: str):
+    """Yield (line, record) pairs. .txt: one text per non-empty line. .jsonl: one JSON object per line.
+    .json: a JSON array (or one object) of records, or JSON lines under a .json name."""
+    with open(path, encoding="utf-8") as handle:
+        content = handle.read()
+    if path.endswith(".txt"):
+        for number, line in enumerate(content.splitlines(), start=1):
+            if line.strip():
+                yield number, {"text": line}
+        return
+    if path.endswith(".json"):
+        try:
+            whole = json.loads(content)
+        except json.JSONDecodeError:
+            whole = None  # not one document: read it as JSON lines below
+        if whole is not None:
+            items = whole if isinstance(whole, list) else [whole]
+            for index, item in enumerate(items):
+                yield f"record {index + 1}", item
+            return
+    for number, line in enumerate(content.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            yield number, RecordError("malformed JSON", f"malformed JSON: {error.msg} at column {error.colno}")
+            continue
+        yield number, record
+
+
+def _require_string(value, what: str) -> str:
+    if not isinstance(value, str):
+        raise RecordError("non-string value", f"{what} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _system_and_tools(record: dict) -> str | None:
+    system = record.get("system", record.get("system_prompt"))
+    if system is not None:
+        system = _require_string(system, "system" if "system" in record else "system_prompt")
+    tools = record.get("tools")
+    if tools:
+        tools_text = tools if isinstance(tools, str) else json.dumps(tools, ensure_ascii=False)
+        # Tool schemas travel in the system turn so every template can carry them unchanged.
+        tools_note = f"You can call these tools:\n{tools_text}"
+        system = f"{system}\n\n{tools_note}" if system else tools_note
+    return system or None
+
+
+def _turns_from_list(turns, key: str, role_key: str, content_key: str) -> list[dict]:
+    if not isinstance(turns, list):
+        raise RecordError("non-list conversation", f"{key} must be a list, got {type(turns).__name__}")
+    if not turns:
+        raise RecordError("empty conversation", f"{key} is empty")
+    messages = []
+    for index, turn in enumerate(turns):
+        where = f"{key}[{index}]"
+        if not isinstance(turn, dict) or role_key not in turn or content_key not in turn:
+            raise RecordError("malformed turn", f"{where} must be an object with '{role_key}' and '{content_key}'")
+        speaker = _require_string(turn[role_key], f"{where}.{role_key}")
+        if speaker not in ROLE_ALIASES:
+            raise RecordError("unknown role", f"{where}.{role_key} is '{speaker}', expected one of {sorted(ROLE_ALIASES)}")
+        content = _require_string(turn[content_key], f"{where}.{content_key}")
+        messages.append({"role": ROLE_ALIASES[speaker], "content": content})
+    return messages
+
+
+def check_conversation(messages: list[dict], key: str = "conversation") -> None:
+    """An optional leading system turn, then user (or tool) and assistant turns alternating, ending with
+    an assistant turn whose text is not empty."""
+    start = 1 if messages and messages[0]["role"] == "system" else 0
+    turns = messages[start:]
+    if not turns:
+        raise RecordError("empty conversation", f"{key} has no user or assistant turns")
+    for offset, message in enumerate(turns):
+        index = start + offset
+        expected = PROMPT_ROLES if offset % 2 == 0 else ("assistant",)
+        if offset == 0:
+            expected = ("user",)
+        if message["role"] not in expected:
+            raise RecordError(
+                "wrong role order",
+                f"{key}[{index}] is a '{message['role']}' turn where a '{'/'.join(expected)}' turn belongs",
+            )
+        if message["role"] == "assistant" and not message["content"].strip():
+            raise RecordError("empty turn", f"{key}[{index}] is an empty assistant reply")
+        if message["role"] == "user" and not message["content"].strip():
+            raise RecordError("empty turn", f"{key}[{index}] is an empty user turn")
+    if turns[-1]["role"] != "assistant":
+        raise RecordError("no final answer", f"{key} ends with a '{turns[-1]['role']}' turn, not an answer")
+
+
+def record_to_messages(record: dict) -> list[dict]:
+    """Convert one ShareGPT / OpenAI messages / Alpaca record into checked chat messages."""
+    if "conversations" in record:
+        messages = _turns_from_list(record["conversations"], "conversations", "from", "value")
+        key = "conversations"
+    elif "messages" in record:
+        messages = _turns_from_list(record["messages"], "messages", "role", "content")
+        key = "messages"
+    elif "instruction" in record:
+        key = "instruction"
+        instruction = _require_string(record["instruction"], "instruction")
+        extra = _require_string(record.get("input") or "", "input")
+        output = _require_string(record.get("output", ""), "output")
+        messages = []
+        history = record.get("history") or []
+        if not isinstance(history, list):
+            raise RecordError("malformed history", "history must be a list of [question, answer] pairs")
+        for index, pair in enumerate(history):
+            if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
+                raise RecordError("malformed history", f"history[{index}] must be a [question, answer] pair")
+            messages.append({"role": "user", "content": _require_string(pair[0], f"history[{index}][0]")})
+            messages.append({"role": "assistant", "content": _require_string(pair[1], f"history[{index}][1]")})
+        messages.append({"role": "user", "content": f"{instruction}\n{extra}" if extra else instruction})
+        messages.append({"role": "assistant", "content": output})
+    elif "text" in record:
+        raise RecordError("pretraining text in a conversation dataset", "a {'text': ...} record has no conversation")
+    else:
+        raise RecordError(
+            "unknown format",
+            f"record in no known format (keys: {', '.join(sorted(record)) or 'none'}); expected 'conversations', "
+            "'messages', 'instruction'/'output' or 'text'",
+        )
+    system = _system_and_tools(record)
+    if system and not (messages and messages[0]["role"] == "system"):
+        messages.insert(0, {"role": "system", "content": system})
+    check_conversation(messages, key)
+    return messages
+
+
+def record_to_text(record: dict) -> str:
+    if "text" not in record:
+        raise RecordError(
+            "unknown format", f"expected a plain text line or a {{'text': ...}} record, got keys: {', '.join(sorted(record))}"
+        )
+    text = _require_string(record["text"], "text")
+    if not text.strip():
+        raise RecordError("empty text", "text is empty")
+    return text
+
+
+CONVERTERS = {"conversation": lambda record: {"messages": record_to_messages(record)}, "text": lambda r: {"text": record_to_text(r)}}
+
+
+def load_records(path: str, kind: str, report: DataReport, skip_invalid: bool, converter=None) -> list[dict]:
+    """Read and convert every record under `path`. `kind` names a converter in CONVERTERS, or pass one."""
+    convert = converter or CONVERTERS[kind]
+    records = []
+    for file_path in find_data_files(path):
+        for line, raw in read_raw_records(file_path):
+            report.read += 1
+            try:
+                if isinstance(raw, RecordError):
+                    raise raw
+                if not isinstance(raw, dict):
+                    raise RecordError("not an object", f"a record must be a JSON object, got {type(raw).__name__}")
+                converted = convert(raw)
+            except RecordError as error:
+                if not skip_invalid:
+                    raise InputError(str(error), file_path, line) from None
+                report.reject(error.kind, f"{file_path}:{line}")
+                continue
+            converted["source"] = f"{file_path}:{line}"
+            records.append(converted)
+    return records
+
+
+def load_splits(data_args, kind: str, seed: int = 42, converter=None):
+    """Training and validation records plus their reports, as the data arguments ask."""
+    if not data_args.train_file_dir:
+        raise InputError("--train_file_dir is required")
+    train_report, eval_report = DataReport("train"), DataReport("validation")
+    skip = data_args.skip_invalid_records
+    train = load_records(data_args.train_file_dir, kind, train_report, skip, converter)
+    evaluation = []
+    if data_args.validation_file_dir:
+        evaluation = load_records(data_args.validation_file_dir, kind, eval_report, skip, converter)
+    elif data_args.validation_split_percentage > 0 and len(train) > 1:
+        shuffled = train[:]
+        random.Random(seed).shuffle(shuffled)
+        held_out = max(1, int(len(train) * data_args.validation_split_percentage / 100))
+        evaluation, train = shuffled[:held_out], shuffled[held_out:]
+        eval_report.read = held_out
+        train_report.read -= held_out
+    if data_args.max_train_samples is not None:
+        train = train[: data_args.max_train_samples]
+    if data_args.max_eval_samples is not None:
+        evaluation = evaluation[: data_args.max_eval_samples]
+    if not train:
+        raise InputError("no usable training records", data_args.train_file_dir)
+    return train, evaluation, train_report, eval_report
