@@ -92,13 +92,16 @@ def cuda_bf16_available() -> bool:
 
 
 def hardware_defaults(parser: HfArgumentParser) -> dict:
-    """Defaults that depend on the machine: fp32 on CPU, bf16 (else fp16) on GPU; TensorBoard logs."""
+    """Defaults that depend on the machine (fp32 on CPU, bf16 or else fp16 on GPU) and the same for every
+    stage: TensorBoard logs, token counts, no gradient checkpointing unless asked."""
     known = {action.dest for action in parser._actions}
     defaults = {
         "bf16": cuda_bf16_available(),
         "fp16": torch.cuda.is_available() and not cuda_bf16_available(),
         "use_cpu": not torch.cuda.is_available(),
-        "gradient_checkpointing": False,
+        # TRL's configs turn gradient checkpointing on by default; left unset it resolves to off, and
+        # either --gradient_checkpointing or --activation_checkpointing turns it on.
+        "gradient_checkpointing": None,
         "report_to": ["tensorboard"],
         "ddp_find_unused_parameters": False,
     }
@@ -120,10 +123,33 @@ def load_config_file(path: str) -> dict:
     return config
 
 
+class SharedFieldParser(HfArgumentParser):
+    """An HfArgumentParser where a field declared by two dataclasses (e.g. `trust_remote_code` in ours and
+    in TRL's configs) is one flag that sets both, instead of an argparse conflict."""
+
+    @staticmethod
+    def _parse_dataclass_field(parser, field):
+        if any(action.dest == field.name for action in parser._actions):
+            return
+        HfArgumentParser._parse_dataclass_field(parser, field)
+
+    def error(self, message):
+        # One line instead of argparse's page-long usage dump; --help still prints every option.
+        self.exit(2, f"error: {message} (see --help)\n")
+
+    def parse_into_dataclasses(self, argv: list[str]):
+        namespace = self.parse_args(argv)  # argparse: unknown flags -> usage + exit status 2
+        outputs = []
+        for dtype in self.dataclass_types:
+            names = {f.name for f in fields(dtype) if f.init}
+            outputs.append(dtype(**{k: v for k, v in vars(namespace).items() if k in names}))
+        return outputs
+
+
 def parse_args(dataclass_types, argv: list[str] | None = None):
     """Parse `[config.yaml|config.json] [--flag value ...]` into the given dataclasses."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser(dataclass_types, allow_abbrev=False)
+    parser = SharedFieldParser(dataclass_types, allow_abbrev=False)
     parser.set_defaults(**hardware_defaults(parser))
     if argv and argv[0].endswith((".yaml", ".yml", ".json")) and not argv[0].startswith("-"):
         config_path = argv.pop(0)
@@ -134,12 +160,18 @@ def parse_args(dataclass_types, argv: list[str] | None = None):
                 raise InputError(f"unknown option '{key}'", config_path)
         parser.set_defaults(**config)
     try:
-        return parser.parse_args_into_dataclasses(args=argv)
+        parsed = parser.parse_into_dataclasses(argv)
     except InputError:
         raise
     except (ValueError, TypeError) as error:
         # Dataclass validation (e.g. TrainingArguments.__post_init__) rejects a combination of options.
         raise InputError(f"invalid options: {error}".splitlines()[0]) from None
+    for args in parsed:
+        # Count the tokens trained on (logged as num_input_tokens_seen); argparse cannot take this
+        # string as a default for the field's bool-or-string type, hence here.
+        if getattr(args, "include_num_input_tokens_seen", None) == "no":
+            args.include_num_input_tokens_seen = "non_padding"
+    return parsed
 
 
 def comma_list(value: str | None) -> list[str] | None:

@@ -1,0 +1,27 @@
+"""What every stage does around its trainer: train, report, save."""
+
+import logging
+import os
+
+from medgpt.modeling import save_model_and_tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+def finish_training(trainer, tokenizer, training_args, evaluate: bool = False) -> dict:
+    """Train (resuming if asked), save the model with its tokenizer, log metrics and where it all went."""
+    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    metrics = dict(result.metrics)
+    tokens = trainer.state.num_input_tokens_seen
+    if tokens:
+        metrics["train_tokens"] = tokens
+        metrics["train_tokens_per_second"] = round(tokens / max(metrics.get("train_runtime", 0), 1e-9), 1)
+    if evaluate:
+        metrics.update(trainer.evaluate())
+    trainer.log_metrics("train", metrics)
+    trainer.save_metrics("all", metrics)
+    save_model_and_tokenizer(trainer, tokenizer, training_args.output_dir)
+    if trainer.is_world_process_zero():
+        logger.info("outputs in %s (TensorBoard logs under %s)", os.path.abspath(training_args.output_dir),
+                    os.path.join(training_args.output_dir, "runs"))
+    return metrics

@@ -1,0 +1,78 @@
+"""Supervised fine-tuning (SFT) of a causal LM on conversations, with LoRA, QLoRA or full weights.
+
+    python supervised_finetuning.py --model_name_or_path MODEL --train_file_dir data/finetune \
+        --template_name chatml --use_peft True --output_dir outputs/sft
+    python supervised_finetuning.py configs/sft.yaml --max_steps 10      # config file + overrides
+    torchrun --nproc_per_node 2 supervised_finetuning.py ...             # several processes / GPUs
+
+Loss is on assistant turns only unless --train_on_inputs True. The template used here is written into
+the saved tokenizer as its chat_template, so inference renders exactly what training saw.
+"""
+
+from dataclasses import dataclass, field
+
+from datasets import Dataset
+from trl import SFTConfig, SFTTrainer
+
+from medgpt.arguments import DataArguments, LoraArguments, ModelArguments, parse_args, setup_logging
+from medgpt.chat import ChatFormat
+from medgpt.data import load_splits
+from medgpt.encoding import encode_conversations
+from medgpt.errors import exit_on_input_error
+from medgpt.modeling import load_tokenizer, prepare_model
+from medgpt.training import finish_training
+
+
+@dataclass
+class SFTArguments:
+    model_max_length: int = field(
+        default=1024,
+        metadata={"help": "Longest sample in tokens. Longer ones lose their oldest turns, then their answer's tail."},
+    )
+    train_on_inputs: bool = field(default=False, metadata={"help": "Also compute the loss on prompts."})
+    neft_alpha: float | None = field(default=None, metadata={"help": "NEFTune embedding noise (e.g. 5); off by default."})
+
+
+@exit_on_input_error
+def main(argv=None):
+    model_args, lora_args, data_args, sft_args, training_args = parse_args(
+        (ModelArguments, LoraArguments, DataArguments, SFTArguments, SFTConfig), argv
+    )
+    setup_logging(training_args)
+
+    tokenizer = load_tokenizer(model_args)
+    chat_format = ChatFormat.for_model(model_args.template_name, tokenizer)
+    chat_format.install()
+
+    train_records, eval_records, train_report, eval_report = load_splits(data_args, "conversation", training_args.seed)
+    encode = dict(
+        chat_format=chat_format,
+        tokenizer=tokenizer,
+        max_length=sft_args.model_max_length,
+        train_on_inputs=sft_args.train_on_inputs,
+        skip_invalid=data_args.skip_invalid_records,
+    )
+    train_rows = encode_conversations(train_records, report=train_report, **encode)
+    eval_rows = encode_conversations(eval_records, report=eval_report, **encode) if eval_records else []
+    train_report.log()
+    if eval_rows:
+        eval_report.log()
+
+    # Samples are already tokenized and cut to model_max_length; the trainer only batches (or packs) them.
+    training_args.max_length = sft_args.model_max_length
+    training_args.neftune_noise_alpha = sft_args.neft_alpha
+    if eval_rows and training_args.eval_strategy == "no":
+        training_args.eval_strategy = training_args.save_strategy
+    model = prepare_model(model_args, lora_args, training_args)
+    trainer = SFTTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=Dataset.from_list(train_rows),
+        eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
+        processing_class=tokenizer,
+    )
+    finish_training(trainer, tokenizer, training_args, evaluate=bool(eval_rows))
+
+
+if __name__ == "__main__":
+    main()
