@@ -61,8 +61,6 @@ def main(argv=None):
     # Samples are already tokenized and cut to model_max_length; the trainer only batches (or packs) them.
     training_args.max_length = sft_args.model_max_length
     training_args.neftune_noise_alpha = sft_args.neft_alpha
-    if eval_rows and training_args.eval_strategy == "no":
-        training_args.eval_strategy = training_args.save_strategy
     model = prepare_model(model_args, lora_args, training_args)
     trainer = SFTTrainer(
         model=model,

@@ -276,3 +276,42 @@ def load_splits(data_args, kind: str, seed: int = 42, converter=None):
     if not train:
         raise InputError("no usable training records", data_args.train_file_dir)
     return train, evaluation, train_report, eval_report
+
+
+QUERY_TEXT_KEYS = ("question", "query", "prompt", "instruction")
+
+
+def query_to_messages(record: dict) -> tuple[list[dict], str | None]:
+    """An inference query as chat messages ending with a user turn, plus a reference answer if the record
+    carried one (a trailing assistant turn, or an `answer`/`output`/`response` field)."""
+    if "conversations" in record or "messages" in record:
+        key = "conversations" if "conversations" in record else "messages"
+        role_key, content_key = ("from", "value") if key == "conversations" else ("role", "content")
+        messages = _turns_from_list(record[key], key, role_key, content_key)
+        reference = messages.pop()["content"] if messages[-1]["role"] == "assistant" else None
+        system = _system_and_tools(record)
+        if system and messages[0]["role"] != "system":
+            messages.insert(0, {"role": "system", "content": system})
+        if messages[-1]["role"] not in PROMPT_ROLES:
+            raise RecordError("wrong role order", f"{key} must end with a user turn to be answered")
+        return messages, reference
+    for key in QUERY_TEXT_KEYS:
+        if key in record:
+            text = _require_string(record[key], key)
+            extra = _require_string(record.get("input") or "", "input") if key == "instruction" else ""
+            if not text.strip():
+                raise RecordError("empty text", f"{key} is empty")
+            messages = []
+            system = _system_and_tools(record)
+            if system:
+                messages.append({"role": "system", "content": system})
+            messages.append({"role": "user", "content": f"{text}\n{extra}" if extra else text})
+            reference = record.get("answer", record.get("output", record.get("response")))
+            return messages, reference if isinstance(reference, str) else None
+    if "text" in record:  # a line of a .txt file
+        return [{"role": "user", "content": _require_string(record["text"], "text")}], None
+    raise RecordError(
+        "unknown format",
+        f"query in no known format (keys: {', '.join(sorted(record)) or 'none'}); expected one of "
+        f"{', '.join(QUERY_TEXT_KEYS)}, 'conversations' or 'messages'",
+    )

@@ -94,3 +94,19 @@ def pack_documents(documents: list[list[int]], block_size: int, separator_id: in
     for tokens in documents:
         stream += tokens + [separator_id]
     return [stream[start : start + block_size] for start in range(0, len(stream), block_size)]
+
+
+def encode_text_blocks(records, tokenizer, block_size: int, report: DataReport) -> list[dict]:
+    """Pretraining rows: every document, an end-of-text token after each, in blocks of `block_size`."""
+    separator = tokenizer.eos_token_id
+    if separator is None:
+        from medgpt.errors import InputError
+
+        raise InputError("the tokenizer has no eos token to separate documents")
+    documents = tokenizer([record["text"] for record in records], add_special_tokens=False)["input_ids"]
+    blocks = pack_documents(documents, block_size, separator)
+    report.kept = len(documents)
+    total = sum(len(block) for block in blocks)
+    logger.info("%s: %d documents, %d tokens in %d blocks of up to %d", report.name, len(documents), total, len(blocks), block_size)
+    report.log()
+    return [{"input_ids": block, "labels": list(block)} for block in blocks]

@@ -1,0 +1,103 @@
+"""Chat with a trained model, or answer a file of questions in batches.
+
+    python inference.py --base_model outputs/merged --interactive                 # streaming chat
+    python inference.py --base_model MODEL --lora_model outputs/sft \
+        --data_file data/eval/questions.jsonl --output_file outputs/answers.jsonl  # batch
+
+The prompt is rendered with the chat_template saved with the model (the one it was trained with) unless
+--template_name names another. Batch queries: .txt (one question a line) or .jsonl/.json records with
+"question"/"query"/"prompt"/"instruction", or "conversations"/"messages" ending with a user turn.
+"""
+
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+
+from medgpt.arguments import parse_args, setup_logging
+from medgpt.data import DataReport, load_records, query_to_messages
+from medgpt.errors import InputError, exit_on_input_error
+from medgpt.generation import ChatModel, GenerationArguments, InferenceModelArguments
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class InferenceArguments:
+    interactive: bool = field(default=False, metadata={"help": "Multi-turn streaming chat in the terminal."})
+    data_file: str | None = field(default=None, metadata={"help": "Questions to answer in batches."})
+    output_file: str | None = field(default=None, metadata={"help": "JSON Lines answers; default: print them."})
+    batch_size: int = field(default=8, metadata={"help": "Questions generated together (left-padded)."})
+
+
+def read_queries(path: str) -> list[dict]:
+    def convert(record):
+        messages, reference = query_to_messages(record)
+        return {"messages": messages, "reference": reference}
+
+    return load_records(path, "query", DataReport("queries"), skip_invalid=False, converter=convert)
+
+
+def answer_file(chat_model: ChatModel, args: InferenceArguments, generation: GenerationArguments) -> None:
+    queries = read_queries(args.data_file)
+    answers = chat_model.answer_batch([q["messages"] for q in queries], generation, args.batch_size)
+    rows = []
+    for query, answer in zip(queries, answers, strict=True):
+        row = {"input": query["messages"][-1]["content"], "output": answer}
+        if query["reference"] is not None:
+            row["reference"] = query["reference"]
+        rows.append(row)
+    if args.output_file:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output_file)), exist_ok=True)
+        with open(args.output_file, "w", encoding="utf-8") as handle:
+            handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        logger.info("%d answers written to %s", len(rows), os.path.abspath(args.output_file))
+    else:
+        for row in rows:
+            print(f"Q: {row['input']}\nA: {row['output']}\n")
+
+
+def chat_loop(chat_model: ChatModel, generation: GenerationArguments) -> None:
+    print("Type a message. 'clear' starts a new conversation, 'exit' quits.")
+    history: list[dict] = []
+    while True:
+        try:
+            text = input("\nUser: ").strip()
+        except EOFError:
+            break
+        if text in ("exit", "quit"):
+            break
+        if text == "clear":
+            history = []
+            print("(conversation cleared)")
+            continue
+        if not text:
+            continue
+        history.append({"role": "user", "content": text})
+        print("Assistant: ", end="", flush=True)
+        pieces = []
+        for piece in chat_model.stream_answer(history, generation):
+            pieces.append(piece)
+            print(piece, end="", flush=True)
+        print()
+        history.append({"role": "assistant", "content": "".join(pieces).strip()})
+
+
+@exit_on_input_error
+def main(argv=None):
+    model_args, inference_args, generation = parse_args((InferenceModelArguments, InferenceArguments, GenerationArguments), argv)
+    setup_logging()
+    if inference_args.interactive == bool(inference_args.data_file):
+        raise InputError("pass either --interactive True or --data_file FILE")
+    if inference_args.data_file and not os.path.isfile(inference_args.data_file):
+        raise InputError("no such file", inference_args.data_file)
+    chat_model = ChatModel(model_args)
+    if inference_args.interactive:
+        chat_loop(chat_model, generation)
+    else:
+        answer_file(chat_model, inference_args, generation)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""Loading a trained model for inference and generating answers: batched (left padding) or streamed."""
+
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+
+import torch
+
+from medgpt.chat import ChatFormat
+from medgpt.errors import InputError
+from medgpt.modeling import check_model_path, is_adapter_folder, resolve_dtype
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerationArguments:
+    max_new_tokens: int = field(default=512, metadata={"help": "Longest answer in tokens."})
+    temperature: float = field(default=0.7, metadata={"help": "Sampling temperature; 0 means greedy decoding."})
+    top_p: float = field(default=0.9, metadata={"help": "Nucleus sampling probability mass."})
+    top_k: int = field(default=40, metadata={"help": "Sample among the k most likely tokens (0: no limit)."})
+    repetition_penalty: float = field(default=1.0, metadata={"help": "Above 1 discourages repeating tokens."})
+    seed: int = field(default=42, metadata={"help": "Random seed for sampling."})
+
+    def generate_kwargs(self) -> dict:
+        if self.temperature <= 0:
+            return {"do_sample": False, "max_new_tokens": self.max_new_tokens, "repetition_penalty": self.repetition_penalty}
+        return {
+            "do_sample": True,
+            "max_new_tokens": self.max_new_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "repetition_penalty": self.repetition_penalty,
+        }
+
+
+@dataclass
+class InferenceModelArguments:
+    base_model: str = field(default=None, metadata={"help": "A model folder (merged, or the base of --lora_model)."})
+    lora_model: str | None = field(default=None, metadata={"help": "A LoRA adapter folder applied on the base model."})
+    template_name: str = field(
+        default="auto", metadata={"help": "auto: the chat_template saved with the model; or a name from template.py."}
+    )
+    torch_dtype: str = field(default="auto", metadata={"help": "auto, float32, bfloat16 or float16."})
+    load_in_4bit: bool = field(default=False, metadata={"help": "Load the weights in 4 bit (bitsandbytes)."})
+    load_in_8bit: bool = field(default=False, metadata={"help": "Load the weights in 8 bit (bitsandbytes)."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Run code shipped with the model."})
+    system_prompt: str | None = field(default=None, metadata={"help": "System prompt for every conversation."})
+
+
+class ChatModel:
+    """A model, its tokenizer and the chat format it was trained with, ready to answer conversations."""
+
+    def __init__(self, args: InferenceModelArguments):
+        from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+        base = check_model_path(args.base_model)
+        if args.lora_model and not is_adapter_folder(args.lora_model):
+            raise InputError("no adapter_config.json here: not a LoRA adapter folder", args.lora_model)
+        # A stage's output folder holds the tokenizer with the template it trained with: prefer it.
+        has_tokenizer = args.lora_model and os.path.isfile(os.path.join(args.lora_model, "tokenizer_config.json"))
+        tokenizer_source = args.lora_model if has_tokenizer else base
+        local = {"local_files_only": True} if os.path.isdir(tokenizer_source) else {}
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, trust_remote_code=args.trust_remote_code, **local)
+        self.tokenizer.padding_side = "left"  # generation continues from the right end of every row
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.unk_token or self.tokenizer.eos_token
+        self.chat_format = ChatFormat.for_model(args.template_name, self.tokenizer)
+        self.system_prompt = args.system_prompt
+
+        dtype = resolve_dtype(args.torch_dtype)
+        kwargs = {"dtype": dtype, "trust_remote_code": args.trust_remote_code}
+        if os.path.isdir(base):
+            kwargs["local_files_only"] = True
+        if args.load_in_4bit or args.load_in_8bit:
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit, bnb_4bit_compute_dtype=dtype
+            )
+        if torch.cuda.is_available():
+            kwargs["device_map"] = "auto"
+        model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
+        if args.lora_model:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, args.lora_model)
+            if not (args.load_in_4bit or args.load_in_8bit):
+                model = model.merge_and_unload()  # same outputs, faster generation
+        self.model = model.eval()
+        self.stop_token_ids = self.chat_format.stop_token_ids()
+        logger.info("model %s%s ready, template: %s", base, f" + {args.lora_model}" if args.lora_model else "", self.chat_format.name)
+
+    def with_system(self, messages: list[dict]) -> list[dict]:
+        if self.system_prompt and messages[0]["role"] != "system":
+            return [{"role": "system", "content": self.system_prompt}] + messages
+        return messages
+
+    def _inputs(self, conversations: list[list[dict]]):
+        prompts = [self.chat_format.render(self.with_system(m), add_generation_prompt=True) for m in conversations]
+        encoded = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        return encoded.to(self.model.device)
+
+    def _generate_kwargs(self, generation: GenerationArguments) -> dict:
+        return dict(
+            generation.generate_kwargs(),
+            eos_token_id=self.stop_token_ids or None,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+
+    @torch.inference_mode()
+    def answer_batch(self, conversations: list[list[dict]], generation: GenerationArguments, batch_size: int = 8) -> list[str]:
+        """One answer per conversation, in the same order, generated `batch_size` at a time."""
+        from tqdm.auto import tqdm
+
+        torch.manual_seed(generation.seed)
+        answers = []
+        for start in tqdm(range(0, len(conversations), batch_size), desc="generating", unit="batch"):
+            inputs = self._inputs(conversations[start : start + batch_size])
+            output = self.model.generate(**inputs, **self._generate_kwargs(generation))
+            new_tokens = output[:, inputs["input_ids"].shape[1] :]
+            answers += [text.strip() for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+        return answers
+
+    def stream_answer(self, messages: list[dict], generation: GenerationArguments):
+        """Yield the answer to one conversation piece by piece as it is generated."""
+        from transformers import TextIteratorStreamer
+
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        inputs = self._inputs([messages])
+        kwargs = dict(inputs, streamer=streamer, **self._generate_kwargs(generation))
+        worker = threading.Thread(target=lambda: self.model.generate(**kwargs), daemon=True)
+        worker.start()
+        yield from streamer
+        worker.join()

@@ -1,0 +1,54 @@
+"""Continued pretraining (PT) of a causal LM on plain text, with LoRA, QLoRA or full weights.
+
+    python pretraining.py --model_name_or_path MODEL --train_file_dir data/pretrain \
+        --block_size 512 --use_peft True --output_dir outputs/pt
+
+Text comes from .txt files (one document per line) and .jsonl/.json records with a "text" field.
+Documents are joined with the tokenizer's end-of-text token between them and cut into --block_size blocks.
+"""
+
+from dataclasses import dataclass, field
+
+from datasets import Dataset
+from transformers import Trainer, TrainingArguments
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+from medgpt.arguments import DataArguments, LoraArguments, ModelArguments, parse_args, setup_logging
+from medgpt.data import load_splits
+from medgpt.encoding import encode_text_blocks
+from medgpt.errors import exit_on_input_error
+from medgpt.modeling import load_tokenizer, prepare_model
+from medgpt.training import finish_training
+
+
+@dataclass
+class PretrainingArguments:
+    block_size: int = field(default=512, metadata={"help": "Tokens per training block."})
+
+
+@exit_on_input_error
+def main(argv=None):
+    model_args, lora_args, data_args, pt_args, training_args = parse_args(
+        (ModelArguments, LoraArguments, DataArguments, PretrainingArguments, TrainingArguments), argv
+    )
+    setup_logging(training_args)
+
+    tokenizer = load_tokenizer(model_args)
+    train_records, eval_records, train_report, eval_report = load_splits(data_args, "text", training_args.seed)
+    train_blocks = encode_text_blocks(train_records, tokenizer, pt_args.block_size, train_report)
+    eval_blocks = encode_text_blocks(eval_records, tokenizer, pt_args.block_size, eval_report) if eval_records else []
+
+    model = prepare_model(model_args, lora_args, training_args)
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=Dataset.from_list(train_blocks),
+        eval_dataset=Dataset.from_list(eval_blocks) if eval_blocks else None,
+        data_collator=DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id),
+        processing_class=tokenizer,
+    )
+    finish_training(trainer, tokenizer, training_args, evaluate=bool(eval_blocks))
+
+
+if __name__ == "__main__":
+    main()
