@@ -10,7 +10,9 @@ logger = logging.getLogger(__name__)
 
 def finish_training(trainer, tokenizer, training_args, evaluate: bool = False) -> dict:
     """Train (resuming if asked), save the model with its tokenizer, log metrics and where it all went."""
+    logger.info("training on %d process(es), %s", training_args.world_size, training_args.device)
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_state()  # trainer_state.json: steps, losses, tokens seen
     metrics = dict(result.metrics)
     tokens = trainer.state.num_input_tokens_seen
     if tokens:

@@ -1,0 +1,108 @@
+"""Measure the toolkit on this machine and write the figures to docs/benchmarks.md.
+
+    python scripts/benchmark.py [--steps 20] [--skip_pipeline]
+
+For the default model (SmolLM2-135M-Instruct, LoRA r=8 on all linear layers) it runs SFT on the sample
+data with and without padding-free packing and records non-padding tokens per second and the peak
+resident memory of the training process, then times the whole demo pipeline. Not a test: figures depend
+on the machine, so they are written down with the date and the machine they were taken on.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import psutil
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from medgpt.default_model import DEFAULT_MODEL_DIR, prepare_default_model  # noqa: E402
+
+
+def run_measured(command: list[str], env: dict | None = None) -> tuple[float, float]:
+    """Run a command; return (wall seconds, peak resident memory of it and its children in GiB)."""
+    started = time.time()
+    process = subprocess.Popen(command, cwd=REPO, env=dict(os.environ, **(env or {})))
+    watched = psutil.Process(process.pid)
+    peak = 0
+    while process.poll() is None:
+        try:
+            rss = watched.memory_info().rss + sum(c.memory_info().rss for c in watched.children(recursive=True))
+            peak = max(peak, rss)
+        except psutil.Error:
+            pass
+        time.sleep(0.2)
+    if process.returncode != 0:
+        raise SystemExit(f"benchmark command failed ({process.returncode}): {' '.join(command)}")
+    return time.time() - started, peak / 2**30
+
+
+def sft_run(name: str, steps: int, extra: list[str]) -> dict:
+    output_dir = os.path.join(REPO, "outputs", "benchmark", name)
+    command = [
+        sys.executable, "supervised_finetuning.py", "--model_name_or_path", DEFAULT_MODEL_DIR,
+        "--template_name", "chatml", "--train_file_dir", "data/finetune", "--model_max_length", "512",
+        "--use_peft", "True", "--target_modules", "all", "--lora_rank", "8", "--lora_dropout", "0",
+        "--per_device_train_batch_size", "4", "--max_steps", str(steps), "--logging_steps", "5",
+        "--save_strategy", "no", "--report_to", "none", "--output_dir", output_dir, *extra,
+    ]
+    wall, peak = run_measured(command)
+    with open(os.path.join(output_dir, "trainer_state.json"), encoding="utf-8") as handle:
+        state = json.load(handle)
+    with open(os.path.join(output_dir, "all_results.json"), encoding="utf-8") as handle:
+        results = json.load(handle)
+    return {
+        "run": name,
+        "steps": state["global_step"],
+        "tokens": state["num_input_tokens_seen"],
+        "tokens_per_s": results["train_tokens_per_second"],
+        "peak_rss_gib": round(peak, 2),
+        "wall_s": round(wall, 1),
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=20, help="SFT steps per measured run")
+    parser.add_argument("--skip_pipeline", action="store_true", help="do not time scripts/run_pipeline.sh")
+    args = parser.parse_args()
+    prepare_default_model(DEFAULT_MODEL_DIR)
+
+    rows = [
+        sft_run("sft_padded_batches", args.steps, []),
+        sft_run("sft_packed_padding_free", args.steps, ["--packing", "True"]),
+    ]
+    pipeline_s = None
+    if not args.skip_pipeline:
+        pipeline_s, pipeline_peak = run_measured(["bash", "scripts/run_pipeline.sh"], {"OUT": "outputs/benchmark/pipeline"})
+
+    machine = f"{platform.machine()}, {psutil.cpu_count()} CPU cores, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM, no GPU"
+    lines = [
+        f"\n## {datetime.date.today().isoformat()} — {machine}, torch {__import__('torch').__version__}, fp32\n",
+        "SFT on data/finetune, SmolLM2-135M-Instruct, LoRA r=8 all linear layers, batch 4, max length 512, "
+        f"{args.steps} steps:\n",
+        "| run | tokens/s (non-padding) | peak RSS (GiB) | tokens | wall (s) |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [f"| {r['run']} | {r['tokens_per_s']} | {r['peak_rss_gib']} | {r['tokens']} | {r['wall_s']} |" for r in rows]
+    if pipeline_s is not None:
+        lines.append(f"\nDemo pipeline (`bash scripts/run_pipeline.sh`, model already prepared): {pipeline_s:.0f} s wall, "
+                     f"peak RSS {pipeline_peak:.2f} GiB.")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    path = os.path.join(REPO, "docs", "benchmarks.md")
+    if not os.path.exists(path):
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write("# Benchmarks\n\nWritten by `python scripts/benchmark.py`; newest last.\n")
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(text)
+
+
+if __name__ == "__main__":
+    main()

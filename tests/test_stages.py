@@ -1,0 +1,190 @@
+"""The stage scripts end to end on a tiny model: PT, SFT (LoRA, full, QLoRA, continued adapter, resume,
+torchrun), merge and batch inference."""
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import FIXTURES, run_script, tiny_training_flags
+
+
+def trainer_state(output_dir):
+    with open(os.path.join(output_dir, "trainer_state.json"), encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def losses(output_dir):
+    return [entry["loss"] for entry in trainer_state(output_dir)["log_history"] if "loss" in entry]
+
+
+def test_sft_lora_on_the_real_medicalgpt_files(tiny_model_dir, tmp_path):
+    out = tmp_path / "sft"
+    result = run_script(
+        "supervised_finetuning.py", "--model_name_or_path", tiny_model_dir,
+        "--train_file_dir", os.path.join(FIXTURES, "sft"), "--output_dir", str(out),
+        "--use_peft", "True", "--template_name", "chatml", "--max_steps", "2",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "train: read 1300 records, kept 1300" in result.stderr
+    assert trainer_state(out)["global_step"] == 2
+    assert all(0 < loss < 20 for loss in losses(out))
+    assert os.path.isfile(out / "adapter_model.safetensors")
+    # The saved tokenizer carries the template training used.
+    from template import get_template
+
+    assert AutoTokenizer.from_pretrained(out).chat_template == get_template("chatml").to_jinja()
+    assert os.listdir(out / "runs"), "TensorBoard logs"
+
+
+def test_sft_full_weights_from_a_config_file_with_cli_override(tiny_model_dir, tmp_path):
+    out = tmp_path / "full"
+    config = tmp_path / "sft.yaml"
+    config.write_text(
+        f"model_name_or_path: {tiny_model_dir}\ntrain_file_dir: {os.path.join(FIXTURES, 'sft', 'medical_sft_1K_format.jsonl')}\n"
+        f"template_name: chatml\nmax_steps: 50\nmax_train_samples: 40\nmodel_max_length: 128\n"
+        f"per_device_train_batch_size: 4\nlearning_rate: 0.003\nlogging_steps: 1\nreport_to: none\n"
+        f"save_strategy: 'no'\noutput_dir: {out}\n",
+        encoding="utf-8",
+    )
+    result = run_script("supervised_finetuning.py", str(config), "--max_steps", "6")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert trainer_state(out)["global_step"] == 6  # the CLI won over the file
+    assert os.path.isfile(out / "model.safetensors") and not os.path.exists(out / "adapter_config.json")
+    history = losses(out)
+    assert history[-1] < history[0], history  # full fine-tuning learns
+
+
+def test_pretraining_blocks_tokens_and_continuing_its_adapter_in_sft(tiny_model_dir, tmp_path):
+    pt_out, sft_out = tmp_path / "pt", tmp_path / "sft"
+    result = run_script(
+        "pretraining.py", "--model_name_or_path", tiny_model_dir,
+        "--train_file_dir", os.path.join(FIXTURES, "pretrain"), "--block_size", "64",
+        "--use_peft", "True", "--lora_rank", "4", *tiny_training_flags(pt_out, steps=3),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "train: 1496 documents" in result.stderr
+    assert trainer_state(pt_out)["num_input_tokens_seen"] == 3 * 2 * 64  # full blocks, no padding
+    assert os.path.isfile(pt_out / "adapter_model.safetensors")
+
+    result = run_script(
+        "supervised_finetuning.py", "--model_name_or_path", tiny_model_dir, "--template_name", "chatml",
+        "--train_file_dir", os.path.join(FIXTURES, "sft", "glaive_toolcall_zh_demo.jsonl"),
+        "--use_peft", "True", "--peft_path", str(pt_out), *tiny_training_flags(sft_out),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"continuing LoRA adapter from {pt_out}" in result.stderr
+    with open(sft_out / "adapter_config.json", encoding="utf-8") as handle:
+        assert json.load(handle)["r"] == 4  # the PT adapter's shape, not a fresh default one
+    before, after = load_file(pt_out / "adapter_model.safetensors"), load_file(sft_out / "adapter_model.safetensors")
+    assert before.keys() == after.keys()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_qlora_4bit_training_runs_and_full_training_of_4bit_is_refused(tiny_model_dir, tmp_path):
+    data = os.path.join(FIXTURES, "sft", "medical_sft_1K_format.jsonl")
+    common = ["--model_name_or_path", tiny_model_dir, "--template_name", "chatml", "--train_file_dir", data,
+              "--max_train_samples", "8", "--model_max_length", "128"]
+    result = run_script("supervised_finetuning.py", *common, "--qlora", "True", "--use_peft", "True",
+                        *tiny_training_flags(tmp_path / "qlora"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert all(0 < loss < 20 for loss in losses(tmp_path / "qlora"))
+    result = run_script("supervised_finetuning.py", *common, "--load_in_4bit", "True", *tiny_training_flags(tmp_path / "x"))
+    assert result.returncode == 2
+    assert "quantized weights cannot be trained in full" in result.stderr
+
+
+def test_resume_from_checkpoint(tiny_model_dir, tmp_path):
+    out = tmp_path / "resume"
+    common = ["--model_name_or_path", tiny_model_dir, "--template_name", "chatml", "--use_peft", "True",
+              "--train_file_dir", os.path.join(FIXTURES, "sft", "medical_sft_1K_format.jsonl"),
+              "--max_train_samples", "16", "--model_max_length", "128", "--per_device_train_batch_size", "2",
+              "--report_to", "none", "--save_strategy", "steps", "--save_steps", "2", "--output_dir", str(out)]
+    assert run_script("supervised_finetuning.py", *common, "--max_steps", "2").returncode == 0
+    assert os.path.isdir(out / "checkpoint-2")
+    result = run_script("supervised_finetuning.py", *common, "--max_steps", "4", "--resume_from_checkpoint", str(out / "checkpoint-2"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = trainer_state(out)
+    assert state["global_step"] == 4
+    assert [e["step"] for e in state["log_history"] if "loss" in e][0] == 3  # steps 1-2 were not redone
+
+
+def test_torchrun_two_processes(tiny_model_dir, tmp_path):
+    out = tmp_path / "ddp"
+    result = run_script(
+        "supervised_finetuning.py", "--model_name_or_path", tiny_model_dir, "--template_name", "chatml",
+        "--train_file_dir", os.path.join(FIXTURES, "sft", "medical_sft_1K_format.jsonl"), "--use_peft", "True",
+        "--max_train_samples", "16", "--model_max_length", "128", *tiny_training_flags(out),
+        launcher=[sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"],
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "training on 2 process(es)" in result.stderr
+    assert trainer_state(out)["global_step"] == 2
+    assert os.path.isfile(out / "adapter_model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def random_adapter(tiny_model_dir, tmp_path_factory):
+    """A LoRA adapter with non-zero weights on every linear layer (a fresh one would change nothing)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    path = tmp_path_factory.mktemp("adapter")
+    peft_model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(path)
+    return str(path)
+
+
+def test_merged_model_matches_base_plus_adapter(tiny_model_dir, random_adapter, tmp_path):
+    from peft import PeftModel
+
+    out = tmp_path / "merged"
+    result = run_script("merge_peft_adapter.py", "--base_model", tiny_model_dir, "--lora_model", random_adapter,
+                        "--output_dir", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert os.path.isfile(out / "model.safetensors") and os.path.isfile(out / "tokenizer_config.json")
+    ids = torch.randint(10, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        plain = base(ids).logits
+        expected = PeftModel.from_pretrained(base, random_adapter)(ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)(ids).logits
+    assert not torch.allclose(plain, expected, atol=1e-3)  # the adapter does change the outputs
+    torch.testing.assert_close(merged, expected, atol=1e-5, rtol=1e-5)
+
+    # A second merge into the same folder is refused unless asked for, and nothing is overwritten.
+    stamp = os.path.getmtime(out / "model.safetensors")
+    result = run_script("merge_peft_adapter.py", "--base_model", tiny_model_dir, "--lora_model", random_adapter,
+                        "--output_dir", str(out))
+    assert result.returncode == 2
+    assert "output folder is not empty" in result.stderr
+    assert os.path.getmtime(out / "model.safetensors") == stamp
+
+
+def test_batch_inference_keeps_order_and_matches_one_at_a_time(tiny_model_dir, random_adapter, tmp_path):
+    from medgpt.generation import ChatModel, GenerationArguments, InferenceModelArguments
+
+    questions = ["What causes anemia?", "高血压怎么办？", "Is fever dangerous?", "What is insulin?", "咳嗽两周了"]
+    query_file = tmp_path / "queries.jsonl"
+    query_file.write_text("".join(json.dumps({"question": q}, ensure_ascii=False) + "\n" for q in questions), encoding="utf-8")
+    answers_file = tmp_path / "answers.jsonl"
+    result = run_script(
+        "inference.py", "--base_model", tiny_model_dir, "--lora_model", random_adapter, "--template_name", "chatml",
+        "--data_file", str(query_file), "--output_file", str(answers_file), "--batch_size", "2",
+        "--max_new_tokens", "6", "--temperature", "0",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in answers_file.read_text(encoding="utf-8").splitlines()]
+    assert [row["input"] for row in rows] == questions
+
+    model = ChatModel(InferenceModelArguments(base_model=tiny_model_dir, lora_model=random_adapter, template_name="chatml"))
+    greedy = GenerationArguments(max_new_tokens=6, temperature=0)
+    alone = [model.answer_batch([[{"role": "user", "content": q}]], greedy, batch_size=1)[0] for q in questions]
+    assert [row["output"] for row in rows] == alone
+    assert len(set(alone)) > 1  # the answers differ, so a shuffled order would be caught
