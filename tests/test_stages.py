@@ -46,7 +46,7 @@ def test_sft_full_weights_from_a_config_file_with_cli_override(tiny_model_dir, t
     config = tmp_path / "sft.yaml"
     config.write_text(
         f"model_name_or_path: {tiny_model_dir}\ntrain_file_dir: {os.path.join(FIXTURES, 'sft', 'medical_sft_1K_format.jsonl')}\n"
-        f"template_name: chatml\nmax_steps: 50\nmax_train_samples: 40\nmodel_max_length: 128\n"
+        f"template_name: chatml\nmax_steps: 50\nmax_train_samples: 40\nmodel_max_length: 512\n"
         f"per_device_train_batch_size: 4\nlearning_rate: 0.003\nlogging_steps: 1\nreport_to: none\n"
         f"save_strategy: 'no'\noutput_dir: {out}\n",
         encoding="utf-8",
@@ -115,7 +115,8 @@ def test_resume_from_checkpoint(tiny_model_dir, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     state = trainer_state(out)
     assert state["global_step"] == 4
-    assert [e["step"] for e in state["log_history"] if "loss" in e][0] == 3  # steps 1-2 were not redone
+    # The history restored from checkpoint-2 holds steps 1-2; the resumed run adds 3-4 without redoing any.
+    assert [e["step"] for e in state["log_history"] if "loss" in e] == [1, 2, 3, 4]
 
 
 def test_torchrun_two_processes(tiny_model_dir, tmp_path):
