@@ -44,7 +44,7 @@ def run_measured(command: list[str], env: dict | None = None) -> tuple[float, fl
 
 
 def sft_run(name: str, steps: int, extra: list[str]) -> dict:
-    output_dir = os.path.join(REPO, "outputs", "benchmark", name)
+    output_dir = os.path.join(REPO, "outputs", "benchmark", name.replace(" ", "_").replace(",", ""))
     command = [
         sys.executable, "supervised_finetuning.py", "--model_name_or_path", DEFAULT_MODEL_DIR,
         "--template_name", "chatml", "--train_file_dir", "data/finetune", "--model_max_length", "512",
@@ -75,8 +75,10 @@ def main():
     prepare_default_model(DEFAULT_MODEL_DIR)
 
     rows = [
-        sft_run("sft_padded_batches", args.steps, []),
-        sft_run("sft_packed_padding_free", args.steps, ["--packing", "True"]),
+        sft_run("padded batches, random order", args.steps, []),
+        sft_run("padded batches, grouped by length", args.steps, ["--train_sampling_strategy", "group_by_length"]),
+        sft_run("padding-free packing", args.steps, ["--packing", "True"]),
+        sft_run("grouped by length, bf16 autocast", args.steps, ["--train_sampling_strategy", "group_by_length", "--bf16", "True"]),
     ]
     pipeline_s = None
     if not args.skip_pipeline:
@@ -84,8 +86,9 @@ def main():
 
     machine = f"{platform.machine()}, {psutil.cpu_count()} CPU cores, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM, no GPU"
     lines = [
-        f"\n## {datetime.date.today().isoformat()} — {machine}, torch {__import__('torch').__version__}, fp32\n",
-        "SFT on data/finetune, SmolLM2-135M-Instruct, LoRA r=8 all linear layers, batch 4, max length 512, "
+        f"\n## {datetime.date.today().isoformat()} — {machine}, torch {__import__('torch').__version__}\n",
+        "SFT on data/finetune, SmolLM2-135M-Instruct, LoRA r=8 on all linear layers, batch 4, max length 512, fp32 "
+        "unless noted, "
         f"{args.steps} steps:\n",
         "| run | tokens/s (non-padding) | peak RSS (GiB) | tokens | wall (s) |",
         "|---|---|---|---|---|",

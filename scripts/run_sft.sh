@@ -25,6 +25,7 @@ launch supervised_finetuning.py \
   --use_peft True --target_modules all --lora_rank 8 --lora_alpha 16 --lora_dropout 0 \
   ${PEFT_PATH:+--peft_path "$PEFT_PATH"} \
   --per_device_train_batch_size "$BATCH_SIZE" --per_device_eval_batch_size "$BATCH_SIZE" \
+  --train_sampling_strategy group_by_length \
   --learning_rate 2e-4 --num_train_epochs "$EPOCHS" --max_steps "$MAX_STEPS" \
   --logging_steps 5 --save_strategy no \
   --output_dir "$OUTPUT_DIR" "$@"
