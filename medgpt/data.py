@@ -226,7 +226,10 @@ def record_to_text(record: dict) -> str:
     return text
 
 
-CONVERTERS = {"conversation": lambda record: {"messages": record_to_messages(record)}, "text": lambda r: {"text": record_to_text(r)}}
+CONVERTERS = {
+    "conversation": lambda record: {"messages": record_to_messages(record)},
+    "text": lambda record: {"text": record_to_text(record)},
+}
 
 
 def load_records(path: str, kind: str, report: DataReport, skip_invalid: bool, converter=None) -> list[dict]:
@@ -315,3 +318,60 @@ def query_to_messages(record: dict) -> tuple[list[dict], str | None]:
         f"query in no known format (keys: {', '.join(sorted(record)) or 'none'}); expected one of "
         f"{', '.join(QUERY_TEXT_KEYS)}, 'conversations' or 'messages'",
     )
+
+
+def _response_text(value, key: str) -> str:
+    """A preference response: a string, or a message list whose last turn is the assistant's answer."""
+    if isinstance(value, list):
+        if not value or not isinstance(value[-1], dict) or value[-1].get("role") != "assistant":
+            raise RecordError("malformed response", f"{key} as a list must end with an assistant message")
+        value = value[-1].get("content")
+    text = _require_string(value, key)
+    if not text.strip():
+        raise RecordError(f"empty {key}", f"{key} is empty")
+    return text
+
+
+PREFERENCE_PAIRS = (("chosen", "rejected"), ("response_chosen", "response_rejected"))
+
+
+def record_to_preference(record: dict) -> dict:
+    """A preference pair as {"prompt": messages ending with a user (or tool) turn, "chosen": text,
+    "rejected": text}, from MedicalGPT's `conversations` + `chosen`/`rejected`, `question` +
+    `response_chosen`/`response_rejected`, or `prompt` (text or messages) + `chosen`/`rejected`."""
+    if "question" in record:
+        chosen_key, rejected_key = PREFERENCE_PAIRS[1]
+    else:
+        chosen_key, rejected_key = PREFERENCE_PAIRS[0]
+    if not any(key in record for key in ("conversations", "messages", "question", "prompt")):
+        raise RecordError(
+            "unknown format",
+            f"preference record in no known format (keys: {', '.join(sorted(record)) or 'none'}); expected "
+            "'conversations' + 'chosen'/'rejected', 'question' + 'response_chosen'/'response_rejected', "
+            "or 'prompt' + 'chosen'/'rejected'",
+        )
+    for key in (chosen_key, rejected_key):
+        if key not in record or record[key] is None:
+            raise RecordError(f"missing {key}", f"preference record has no '{key}'")
+    chosen = _response_text(record[chosen_key], chosen_key)
+    rejected = _response_text(record[rejected_key], rejected_key)
+
+    if "conversations" in record:
+        prompt = _turns_from_list(record["conversations"], "conversations", "from", "value")
+    elif "messages" in record:
+        prompt = _turns_from_list(record["messages"], "messages", "role", "content")
+    elif "question" in record:
+        prompt = [{"role": "user", "content": _require_string(record["question"], "question")}]
+    elif isinstance(record["prompt"], list):
+        prompt = _turns_from_list(record["prompt"], "prompt", "role", "content")
+    else:
+        prompt = [{"role": "user", "content": _require_string(record["prompt"], "prompt")}]
+    system = _system_and_tools(record)
+    if system and prompt[0]["role"] != "system":
+        prompt.insert(0, {"role": "system", "content": system})
+    # The prompt must be a conversation that an answer can follow.
+    check_conversation(prompt + [{"role": "assistant", "content": chosen}], "prompt")
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+CONVERTERS["preference"] = record_to_preference

@@ -3,6 +3,7 @@
 import logging
 
 from medgpt.data import DataReport
+from medgpt.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +68,6 @@ def encode_conversation(messages, chat_format, tokenizer, max_length: int, train
 
 def encode_conversations(records, chat_format, tokenizer, max_length, train_on_inputs, report: DataReport, skip_invalid: bool):
     """Encode every record; count truncations; a prompt too long to keep is an error or a counted rejection."""
-    from medgpt.errors import InputError
-
     rows = []
     for record in records:
         try:
@@ -100,8 +99,6 @@ def encode_text_blocks(records, tokenizer, block_size: int, report: DataReport) 
     """Pretraining rows: every document, an end-of-text token after each, in blocks of `block_size`."""
     separator = tokenizer.eos_token_id
     if separator is None:
-        from medgpt.errors import InputError
-
         raise InputError("the tokenizer has no eos token to separate documents")
     documents = tokenizer([record["text"] for record in records], add_special_tokens=False)["input_ids"]
     blocks = pack_documents(documents, block_size, separator)
@@ -110,3 +107,46 @@ def encode_text_blocks(records, tokenizer, block_size: int, report: DataReport) 
     logger.info("%s: %d documents, %d tokens in %d blocks of up to %d", report.name, len(documents), total, len(blocks), block_size)
     report.log()
     return [{"input_ids": block, "labels": list(block)} for block in blocks]
+
+
+def preference_texts(record: dict, chat_format) -> tuple[str, str, str]:
+    """(prompt, chosen, rejected) texts: the prompt rendered up to the assistant header, each response
+    with the template's end-of-turn, split exactly as SFT splits an answer from its prompt."""
+    texts = {}
+    for key in ("chosen", "rejected"):
+        segments = chat_format.split(record["prompt"] + [{"role": "assistant", "content": record[key]}])
+        prompt = "".join(p + a for p, a in segments[:-1]) + segments[-1][0]
+        texts[key] = (prompt, segments[-1][1])
+    if texts["chosen"][0] != texts["rejected"][0]:
+        raise ValueError("the template renders the prompt differently for the two responses")
+    return texts["chosen"][0], texts["chosen"][1], texts["rejected"][1]
+
+
+def encode_preference(record, chat_format, tokenizer, max_length: int, max_prompt_length: int):
+    """(prompt_ids, chosen_ids, rejected_ids, truncated) with prompt + longer response <= max_length.
+
+    Too long: the prompt keeps its last `max_prompt_length` tokens (its end, with the question and the
+    assistant header, matters most), then the responses lose their tails."""
+    prompt, chosen, rejected = preference_texts(record, chat_format)
+    prompt_ids, chosen_ids, rejected_ids = (_tokenize(tokenizer, text) for text in (prompt, chosen, rejected))
+    if len(prompt_ids) + max(len(chosen_ids), len(rejected_ids)) <= max_length:
+        return prompt_ids, chosen_ids, rejected_ids, False
+    if len(prompt_ids) > max_prompt_length:
+        prompt_ids = prompt_ids[-max_prompt_length:]
+    room = max_length - len(prompt_ids)
+    return prompt_ids, chosen_ids[:room], rejected_ids[:room], True
+
+
+def encode_preferences(records, chat_format, tokenizer, max_length: int, max_prompt_length: int, report: DataReport):
+    """Token ids for every preference pair; truncations are counted in the report, nothing is dropped."""
+    if max_prompt_length >= max_length:
+        raise InputError("--max_prompt_length must be smaller than --max_length, to leave room for the responses")
+    rows = []
+    for record in records:
+        prompt_ids, chosen_ids, rejected_ids, truncated = encode_preference(
+            record, chat_format, tokenizer, max_length, max_prompt_length
+        )
+        report.truncated += truncated
+        rows.append({"prompt_ids": prompt_ids, "chosen_ids": chosen_ids, "rejected_ids": rejected_ids})
+    report.kept = len(rows)
+    return rows

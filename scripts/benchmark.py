@@ -82,7 +82,9 @@ def main():
     ]
     pipeline_s = None
     if not args.skip_pipeline:
-        pipeline_s, pipeline_peak = run_measured(["bash", "scripts/run_pipeline.sh"], {"OUT": "outputs/benchmark/pipeline"})
+        pipeline_s, pipeline_peak = run_measured(
+            ["bash", "scripts/run_pipeline.sh"], {"OUT": "outputs/benchmark/pipeline", "PYTHON": sys.executable}
+        )
 
     machine = f"{platform.machine()}, {psutil.cpu_count()} CPU cores, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM, no GPU"
     lines = [

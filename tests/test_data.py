@@ -177,3 +177,17 @@ def test_load_records_raises_input_error_with_location(tmp_path):
     with pytest.raises(InputError) as error:
         load_records(path, "text", DataReport("train"), skip_invalid=False)
     assert str(error.value).startswith(f"{path}:2: expected a plain text line")
+
+
+def test_validation_split_percentage_and_sample_caps(tmp_path):
+    from medgpt.arguments import DataArguments
+    from medgpt.data import load_splits
+
+    records = [{"conversations": [{"from": "human", "value": f"Q{i}"}, {"from": "gpt", "value": f"A{i}"}]} for i in range(40)]
+    path = write_lines(tmp_path / "train.jsonl", records)
+    train, evaluation, train_report, eval_report = load_splits(DataArguments(train_file_dir=path, validation_split_percentage=10), "conversation")
+    assert (len(train), len(evaluation)) == (36, 4)
+    assert not {r["source"] for r in train} & {r["source"] for r in evaluation}
+    assert (train_report.read, eval_report.read) == (36, 4)
+    train, evaluation, _, _ = load_splits(DataArguments(train_file_dir=path, max_train_samples=5), "conversation")
+    assert (len(train), len(evaluation)) == (5, 0)

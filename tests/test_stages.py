@@ -194,3 +194,16 @@ def test_batch_inference_keeps_order_and_matches_one_at_a_time(tiny_model_dir, r
     alone = [model.answer_batch([[{"role": "user", "content": q}]], greedy, batch_size=1)[0] for q in questions]
     assert [row["output"] for row in rows] == alone
     assert len(set(alone)) > 1  # the answers differ, so a shuffled order would be caught
+
+
+def test_interactive_chat_streams_answers_and_clears_history(tiny_model_dir, tmp_path):
+    command = [sys.executable, os.path.join(os.path.dirname(os.path.dirname(__file__)), "inference.py"),
+               "--base_model", tiny_model_dir, "--template_name", "chatml", "--interactive", "True",
+               "--max_new_tokens", "4", "--temperature", "0"]
+    import subprocess
+
+    result = subprocess.run(command, input="hello\nclear\nwhat is fever?\nexit\nnever read\n", capture_output=True,
+                            text=True, timeout=120, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("Assistant: ") == 2  # two questions answered; 'exit' stopped before the last line
+    assert "(conversation cleared)" in result.stdout
