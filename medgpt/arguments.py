@@ -87,6 +87,16 @@ class DataArguments:
             raise InputError("--validation_split_percentage must be in [0, 100)")
 
 
+@dataclass
+class PreferenceArguments:
+    """Lengths for preference pairs (reward modeling, DPO, ORPO)."""
+
+    max_length: int = field(default=1024, metadata={"help": "Longest prompt + response in tokens."})
+    max_prompt_length: int = field(
+        default=512, metadata={"help": "Over-long pairs keep at most this many prompt tokens (its end), then cut responses."}
+    )
+
+
 def cuda_bf16_available() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 

@@ -375,3 +375,27 @@ def record_to_preference(record: dict) -> dict:
 
 
 CONVERTERS["preference"] = record_to_preference
+
+
+def question_record(record: dict, needs_answer: bool) -> dict:
+    """A question to answer during RL (GRPO, PPO): {"prompt": messages, "answer": reference or None}."""
+    messages, answer = query_to_messages(record)
+    if needs_answer and not (isinstance(answer, str) and answer.strip()):
+        raise RecordError("missing answer", "question has no 'answer', which the accuracy reward needs")
+    return {"prompt": messages, "answer": answer}
+
+
+CONVERTERS["question"] = lambda record: question_record(record, needs_answer=False)
+
+
+def load_question_splits(data_args, seed: int, needs_answer: bool):
+    """Training and validation questions for RL stages, their counts logged."""
+    train, evaluation, train_report, eval_report = load_splits(
+        data_args, "question", seed, converter=lambda record: question_record(record, needs_answer)
+    )
+    train_report.kept, eval_report.kept = len(train), len(evaluation)
+    train_report.log()
+    if evaluation:
+        eval_report.log()
+    strip = lambda rows: [{"prompt": row["prompt"], "answer": row["answer"]} for row in rows]  # noqa: E731
+    return strip(train), strip(evaluation)

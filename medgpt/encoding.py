@@ -150,3 +150,17 @@ def encode_preferences(records, chat_format, tokenizer, max_length: int, max_pro
         rows.append({"prompt_ids": prompt_ids, "chosen_ids": chosen_ids, "rejected_ids": rejected_ids})
     report.kept = len(rows)
     return rows
+
+
+def load_preference_rows(data_args, preference_args, chat_format, tokenizer, seed: int):
+    """Training and validation preference pairs as token ids, with their reports logged."""
+    from medgpt.data import load_splits
+
+    train, evaluation, train_report, eval_report = load_splits(data_args, "preference", seed)
+    lengths = dict(max_length=preference_args.max_length, max_prompt_length=preference_args.max_prompt_length)
+    train_rows = encode_preferences(train, chat_format, tokenizer, report=train_report, **lengths)
+    eval_rows = encode_preferences(evaluation, chat_format, tokenizer, report=eval_report, **lengths) if evaluation else []
+    train_report.log()
+    if eval_rows:
+        eval_report.log()
+    return train_rows, eval_rows

@@ -97,9 +97,18 @@ def attach_lora(model, lora_args, model_args, task_type: str = "CAUSAL_LM", grad
 
     if model_args.load_in_4bit or model_args.load_in_8bit:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    continue_adapter = False
     if lora_args.peft_path:
-        if not os.path.isfile(os.path.join(lora_args.peft_path, "adapter_config.json")):
+        if not is_adapter_folder(lora_args.peft_path):
             raise InputError("no adapter_config.json here: not a LoRA adapter folder", lora_args.peft_path)
+        with open(os.path.join(lora_args.peft_path, "adapter_config.json"), encoding="utf-8") as handle:
+            continue_adapter = json.load(handle).get("task_type") == task_type
+        if not continue_adapter:
+            # e.g. a reward model (sequence classification) built on an SFT adapter (causal LM): the SFT
+            # adapter becomes part of the base weights and a new adapter of the right kind is trained.
+            model = PeftModel.from_pretrained(model, lora_args.peft_path).merge_and_unload()
+            logger.info("merged the adapter from %s into the base weights", lora_args.peft_path)
+    if continue_adapter:
         model = PeftModel.from_pretrained(model, lora_args.peft_path, is_trainable=True)
         logger.info("continuing LoRA adapter from %s", lora_args.peft_path)
     else:

@@ -1,0 +1,59 @@
+"""Direct preference optimization (DPO) on preference pairs, with LoRA, QLoRA or full weights.
+
+    python dpo_training.py --model_name_or_path outputs/sft-merged --train_file_dir data/reward \
+        --template_name chatml --use_peft True --beta 0.1 --output_dir outputs/dpo
+
+The reference model is the starting point. With LoRA it shares the base weights: the trainer keeps a
+frozen copy of the starting adapter (adapter-sized, not a second model; for a new adapter this equals
+switching the adapter off). Full fine-tuning loads a second copy of the model as the reference.
+Every TrainingArguments / DPOConfig flag is
+accepted (e.g. --loss_type sigmoid ipo, --label_smoothing); unknown flags are errors.
+"""
+
+from datasets import Dataset
+from trl import DPOConfig, DPOTrainer
+
+from medgpt.arguments import DataArguments, LoraArguments, ModelArguments, PreferenceArguments, parse_args, setup_logging
+from medgpt.chat import ChatFormat
+from medgpt.encoding import load_preference_rows
+from medgpt.errors import exit_on_input_error
+from medgpt.modeling import load_tokenizer, prepare_model
+from medgpt.training import finish_training
+
+
+class PretokenizedDPOTrainer(DPOTrainer):
+    """DPOTrainer fed with pairs already rendered by our template and tokenized (prompt_ids, chosen_ids,
+    rejected_ids), so DPO sees exactly the text SFT and inference see."""
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        if {"prompt_ids", "chosen_ids", "rejected_ids"} <= set(dataset.column_names):
+            return dataset
+        return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+
+
+@exit_on_input_error
+def main(argv=None):
+    model_args, lora_args, data_args, preference_args, training_args = parse_args(
+        (ModelArguments, LoraArguments, DataArguments, PreferenceArguments, DPOConfig), argv
+    )
+    setup_logging(training_args)
+
+    tokenizer = load_tokenizer(model_args)
+    chat_format = ChatFormat.for_model(model_args.template_name, tokenizer)
+    chat_format.install()
+    train_rows, eval_rows = load_preference_rows(data_args, preference_args, chat_format, tokenizer, training_args.seed)
+
+    model = prepare_model(model_args, lora_args, training_args)
+    training_args.max_length = preference_args.max_length
+    trainer = PretokenizedDPOTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=Dataset.from_list(train_rows),
+        eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
+        processing_class=tokenizer,
+    )
+    finish_training(trainer, tokenizer, training_args, evaluate=bool(eval_rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""Reward modeling (RM): a scalar score head trained so that chosen answers outscore rejected ones.
+
+    python reward_modeling.py --model_name_or_path outputs/sft-merged --train_file_dir data/reward \
+        --template_name chatml --use_peft True --output_dir outputs/rm
+
+Pairs come as MedicalGPT's `conversations` + `chosen`/`rejected`, `question` + `response_chosen`/
+`response_rejected`, or `prompt` + `chosen`/`rejected`. The model is AutoModelForSequenceClassification
+with one label; with LoRA the score head is trained in full beside the adapter. Evaluation reports the
+pairwise accuracy and mean margin (chosen score - rejected score).
+"""
+
+from datasets import Dataset
+from transformers import AutoModelForSequenceClassification
+from trl import RewardConfig, RewardTrainer
+
+from medgpt.arguments import DataArguments, LoraArguments, ModelArguments, PreferenceArguments, parse_args, setup_logging
+from medgpt.chat import ChatFormat
+from medgpt.encoding import load_preference_rows
+from medgpt.errors import exit_on_input_error
+from medgpt.modeling import load_tokenizer, prepare_model
+from medgpt.training import finish_training
+
+
+def full_sequences(rows: list[dict]) -> list[dict]:
+    """The reward model reads prompt + response as one sequence and scores its last token."""
+    return [
+        {"chosen_ids": row["prompt_ids"] + row["chosen_ids"], "rejected_ids": row["prompt_ids"] + row["rejected_ids"]}
+        for row in rows
+    ]
+
+
+@exit_on_input_error
+def main(argv=None):
+    model_args, lora_args, data_args, preference_args, training_args = parse_args(
+        (ModelArguments, LoraArguments, DataArguments, PreferenceArguments, RewardConfig), argv
+    )
+    setup_logging(training_args)
+
+    tokenizer = load_tokenizer(model_args)
+    chat_format = ChatFormat.for_model(model_args.template_name, tokenizer)
+    chat_format.install()
+    train_rows, eval_rows = load_preference_rows(data_args, preference_args, chat_format, tokenizer, training_args.seed)
+
+    model = prepare_model(
+        model_args, lora_args, training_args, AutoModelForSequenceClassification, task_type="SEQ_CLS", num_labels=1
+    )
+    # The score is read at the last non-padding token, found through the config's pad token id.
+    model.config.pad_token_id = tokenizer.pad_token_id
+    training_args.max_length = preference_args.max_length
+    trainer = RewardTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=Dataset.from_list(full_sequences(train_rows)),
+        eval_dataset=Dataset.from_list(full_sequences(eval_rows)) if eval_rows else None,
+        processing_class=tokenizer,
+    )
+    finish_training(trainer, tokenizer, training_args, evaluate=bool(eval_rows))
+
+
+if __name__ == "__main__":
+    main()
