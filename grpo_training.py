@@ -32,7 +32,7 @@ def main(argv=None):
     )
     setup_logging(training_args)
     if training_args.use_vllm and importlib.util.find_spec("vllm") is None:
-        raise InputError("--use_vllm needs vllm installed (pip install -r requirements-vllm.txt, on a CUDA machine)")
+        raise InputError("--use_vllm needs vllm importable here (a CUDA machine, with a vllm build matching torch)")
 
     tokenizer = load_tokenizer(model_args, padding_side="left")
     chat_format = ChatFormat.for_model(model_args.template_name, tokenizer)

@@ -65,3 +65,40 @@ def tiny_training_flags(output_dir, steps: int = 2) -> list[str]:
         "--output_dir", str(output_dir), "--max_steps", str(steps), "--per_device_train_batch_size", "2",
         "--learning_rate", "1e-3", "--report_to", "none", "--save_strategy", "no", "--logging_steps", "1",
     ]
+
+
+@pytest.fixture(scope="session")
+def small_vocab_model_dir(tmp_path_factory):
+    """A tiny random Llama with a 400-token byte-level BPE trained here on the English sample data, and
+    larger initial weights than usual so that its answers differ enough for rewards to tell them apart.
+    Small vocabulary, fast logits: for the tests that train until an objective visibly moves."""
+    import glob
+    import json
+
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    texts = []
+    for path in glob.glob(os.path.join(REPO, "data", "finetune", "*en*.jsonl")):
+        with open(path, encoding="utf-8") as handle:
+            texts += [turn["value"] for line in handle for turn in json.loads(line)["conversations"]]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    bpe.train_from_iterator(texts, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
+        initializer_range=0.3, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("small_vocab_llama")
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
