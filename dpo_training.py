@@ -10,7 +10,6 @@ Every TrainingArguments / DPOConfig flag is
 accepted (e.g. --loss_type sigmoid ipo, --label_smoothing); unknown flags are errors.
 """
 
-from datasets import Dataset
 from trl import DPOConfig, DPOTrainer
 
 from medgpt.arguments import DataArguments, LoraArguments, ModelArguments, PreferenceArguments, parse_args, setup_logging
@@ -18,7 +17,7 @@ from medgpt.chat import ChatFormat
 from medgpt.encoding import load_preference_rows
 from medgpt.errors import exit_on_input_error
 from medgpt.modeling import load_tokenizer, prepare_model
-from medgpt.training import finish_training
+from medgpt.training import train_on_rows
 
 
 class PretokenizedDPOTrainer(DPOTrainer):
@@ -45,14 +44,7 @@ def main(argv=None):
 
     model = prepare_model(model_args, lora_args, training_args)
     training_args.max_length = preference_args.max_length
-    trainer = PretokenizedDPOTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=Dataset.from_list(train_rows),
-        eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
-        processing_class=tokenizer,
-    )
-    finish_training(trainer, tokenizer, training_args, evaluate=bool(eval_rows))
+    train_on_rows(PretokenizedDPOTrainer, model, tokenizer, training_args, train_rows, eval_rows)
 
 
 if __name__ == "__main__":

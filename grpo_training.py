@@ -13,7 +13,6 @@ answer), format (<think>/<answer> tags), length, model (a reward model folder), 
 import importlib.util
 
 import torch
-from datasets import Dataset
 from trl import GRPOConfig, GRPOTrainer
 
 from medgpt.arguments import DataArguments, LoraArguments, ModelArguments, parse_args, setup_logging
@@ -22,7 +21,7 @@ from medgpt.data import load_question_splits
 from medgpt.errors import InputError, exit_on_input_error
 from medgpt.modeling import load_tokenizer, prepare_model
 from medgpt.rewards import RewardArguments, build_reward_functions
-from medgpt.training import finish_training
+from medgpt.training import train_on_rows
 
 
 @exit_on_input_error
@@ -44,15 +43,7 @@ def main(argv=None):
     training_args.reward_weights = weights
 
     model = prepare_model(model_args, lora_args, training_args)
-    trainer = GRPOTrainer(
-        model=model,
-        reward_funcs=reward_functions,
-        args=training_args,
-        train_dataset=Dataset.from_list(train),
-        eval_dataset=Dataset.from_list(evaluation) if evaluation else None,
-        processing_class=tokenizer,
-    )
-    finish_training(trainer, tokenizer, training_args, evaluate=bool(evaluation))
+    train_on_rows(GRPOTrainer, model, tokenizer, training_args, train, evaluation, reward_funcs=reward_functions)
 
 
 if __name__ == "__main__":

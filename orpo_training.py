@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
-from datasets import Dataset  # noqa: E402
 from trl.experimental.orpo import ORPOConfig, ORPOTrainer  # noqa: E402
 
 from medgpt.arguments import DataArguments, LoraArguments, ModelArguments, PreferenceArguments, parse_args, setup_logging  # noqa: E402
@@ -20,7 +19,7 @@ from medgpt.chat import ChatFormat  # noqa: E402
 from medgpt.encoding import IGNORE_INDEX, load_preference_rows  # noqa: E402
 from medgpt.errors import InputError, exit_on_input_error  # noqa: E402
 from medgpt.modeling import load_tokenizer, prepare_model  # noqa: E402
-from medgpt.training import finish_training  # noqa: E402
+from medgpt.training import train_on_rows  # noqa: E402
 
 
 @dataclass
@@ -59,14 +58,7 @@ def main(argv=None):
         raise InputError("set the odds-ratio weight with --orpo_beta (--beta is the same setting)")
     training_args.beta = orpo_args.orpo_beta
     training_args.max_length = preference_args.max_length
-    trainer = PretokenizedORPOTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=Dataset.from_list(train_rows),
-        eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
-        processing_class=tokenizer,
-    )
-    finish_training(trainer, tokenizer, training_args, evaluate=bool(eval_rows))
+    train_on_rows(PretokenizedORPOTrainer, model, tokenizer, training_args, train_rows, eval_rows)
 
 
 if __name__ == "__main__":

