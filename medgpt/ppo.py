@@ -239,7 +239,9 @@ class PPOTrainerLite:
         self.policy.eval()
         with self.autocast():
             sequences = self.policy.generate(
-                **encoded, do_sample=True, temperature=self.args.temperature, top_k=0, top_p=1.0,
+                # Plain sampling at the temperature the log-probabilities use: a model's own generation
+                # config (top-k, top-p, repetition penalty) would sample from a different distribution.
+                **encoded, do_sample=True, temperature=self.args.temperature, top_k=0, top_p=1.0, repetition_penalty=1.0,
                 max_new_tokens=self.args.max_new_tokens, eos_token_id=self.stop_ids,
                 pad_token_id=self.tokenizer.pad_token_id, use_cache=True,
             )

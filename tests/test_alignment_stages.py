@@ -16,6 +16,7 @@ from medgpt.encoding import encode_preferences
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
 PAIR_LENGTHS = ["--max_length", "256", "--max_prompt_length", "128"]
+TOY_REWARD = os.path.join(REPO, "tests", "toy_rewards.py") + ":space_share"
 
 
 def results(output_dir) -> dict:
@@ -128,6 +129,19 @@ def test_ppo_runs_against_the_reward_model_and_logs_its_diagnostics(tiny_model_d
     assert_saved_model(tmp_path, lora)
 
 
+def test_ppo_with_a_4bit_base_qlora(tiny_model_dir, tmp_path):
+    result = run_script(
+        "ppo_training.py", "--model_name_or_path", tiny_model_dir, "--template_name", "chatml",
+        "--train_file_dir", QUESTION_DATA[False], "--reward_funcs", TOY_REWARD, "--use_peft", "True", "--qlora", "True",
+        "--output_dir", tmp_path, "--max_steps", "3", "--rollout_batch_size", "4", "--mini_batch_size", "2",
+        "--ppo_epochs", "1", "--max_new_tokens", "8", "--learning_rate", "1e-2", "--report_to", "none",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = ppo_log(tmp_path)
+    assert log[-1]["kl"] != 0.0  # the adapter moved away from the reference
+    assert_saved_model(tmp_path, lora=True)
+
+
 # ---- each objective moves ----
 
 
@@ -184,9 +198,6 @@ def test_preference_optimization_separates_chosen_from_rejected(small_vocab_mode
         margins_after = [a["chosen"][1] - a["rejected"][1] for a in after]
         assert sum(margins_after) > sum(margins_before)
         assert sum(margin > 0 for margin in margins_after) >= 14
-
-
-TOY_REWARD = os.path.join(REPO, "tests", "toy_rewards.py") + ":space_share"
 
 
 def test_grpo_raises_the_mean_reward(small_vocab_model_dir, tmp_path):
