@@ -142,6 +142,27 @@ def test_ppo_with_a_4bit_base_qlora(tiny_model_dir, tmp_path):
     assert_saved_model(tmp_path, lora=True)
 
 
+def test_ppo_continuing_an_adapter_keeps_that_adapter_as_its_reference(tiny_model_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(1)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    sft = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    sft.save_pretrained(tmp_path / "sft")
+    result = run_script(
+        "ppo_training.py", "--model_name_or_path", tiny_model_dir, "--peft_path", tmp_path / "sft", "--use_peft", "True",
+        "--template_name", "chatml", "--train_file_dir", QUESTION_DATA[False], "--reward_funcs", TOY_REWARD,
+        "--output_dir", tmp_path / "ppo", "--max_steps", "2", "--rollout_batch_size", "4", "--mini_batch_size", "2",
+        "--ppo_epochs", "1", "--max_new_tokens", "8", "--report_to", "none",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    # the first rollout's KL is zero only if the reference is the SFT adapter, not the bare base model
+    assert ppo_log(tmp_path / "ppo")[0]["kl"] == pytest.approx(0.0, abs=1e-4)
+    from safetensors.torch import load_file
+
+    assert not any(".ref." in name for name in load_file(tmp_path / "ppo" / "adapter_model.safetensors"))
+
+
 # ---- each objective moves ----
 
 
