@@ -15,11 +15,10 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 from trl.experimental.orpo import ORPOConfig, ORPOTrainer  # noqa: E402
 
 from medgpt.arguments import DataArguments, LoraArguments, ModelArguments, PreferenceArguments, parse_args, setup_logging  # noqa: E402
-from medgpt.chat import ChatFormat  # noqa: E402
-from medgpt.encoding import IGNORE_INDEX, load_preference_rows  # noqa: E402
+from medgpt.encoding import IGNORE_INDEX  # noqa: E402
 from medgpt.errors import InputError, exit_on_input_error  # noqa: E402
-from medgpt.modeling import load_tokenizer, prepare_model  # noqa: E402
-from medgpt.training import train_on_rows  # noqa: E402
+from medgpt.modeling import prepare_model  # noqa: E402
+from medgpt.training import tokenizer_and_preference_rows, train_on_rows  # noqa: E402
 
 
 @dataclass
@@ -48,10 +47,7 @@ def main(argv=None):
     )
     setup_logging(training_args)
 
-    tokenizer = load_tokenizer(model_args)
-    chat_format = ChatFormat.for_model(model_args.template_name, tokenizer)
-    chat_format.install()
-    train_rows, eval_rows = load_preference_rows(data_args, preference_args, chat_format, tokenizer, training_args.seed)
+    tokenizer, train_rows, eval_rows = tokenizer_and_preference_rows(model_args, data_args, preference_args, training_args)
 
     model = prepare_model(model_args, lora_args, training_args)
     if training_args.beta not in (orpo_args.orpo_beta, ORPOConfig.beta):

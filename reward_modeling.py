@@ -13,11 +13,9 @@ from transformers import AutoModelForSequenceClassification
 from trl import RewardConfig, RewardTrainer
 
 from medgpt.arguments import DataArguments, LoraArguments, ModelArguments, PreferenceArguments, parse_args, setup_logging
-from medgpt.chat import ChatFormat
-from medgpt.encoding import load_preference_rows
 from medgpt.errors import exit_on_input_error
-from medgpt.modeling import load_tokenizer, prepare_model
-from medgpt.training import train_on_rows
+from medgpt.modeling import prepare_model
+from medgpt.training import tokenizer_and_preference_rows, train_on_rows
 
 
 def full_sequences(rows: list[dict]) -> list[dict]:
@@ -35,10 +33,7 @@ def main(argv=None):
     )
     setup_logging(training_args)
 
-    tokenizer = load_tokenizer(model_args)
-    chat_format = ChatFormat.for_model(model_args.template_name, tokenizer)
-    chat_format.install()
-    train_rows, eval_rows = load_preference_rows(data_args, preference_args, chat_format, tokenizer, training_args.seed)
+    tokenizer, train_rows, eval_rows = tokenizer_and_preference_rows(model_args, data_args, preference_args, training_args)
 
     model = prepare_model(
         model_args, lora_args, training_args, AutoModelForSequenceClassification, task_type="SEQ_CLS", num_labels=1

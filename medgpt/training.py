@@ -42,3 +42,17 @@ def train_on_rows(trainer_class, model, tokenizer, training_args, train_rows: li
         **trainer_kwargs,
     )
     return finish_training(trainer, tokenizer, training_args, evaluate=bool(eval_rows))
+
+
+def tokenizer_and_preference_rows(model_args, data_args, preference_args, training_args):
+    """The start of every preference stage (RM, DPO, ORPO): the tokenizer carrying the chosen template,
+    and the training and validation pairs rendered with it and tokenized."""
+    from medgpt.chat import ChatFormat
+    from medgpt.encoding import load_preference_rows
+    from medgpt.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(model_args)
+    chat_format = ChatFormat.for_model(model_args.template_name, tokenizer)
+    chat_format.install()
+    train_rows, eval_rows = load_preference_rows(data_args, preference_args, chat_format, tokenizer, training_args.seed)
+    return tokenizer, train_rows, eval_rows
