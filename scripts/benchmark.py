@@ -117,6 +117,17 @@ def stage_runs(steps: int) -> list[dict]:
     return rows
 
 
+def cpu_model() -> str:
+    """The CPU's name and whether it multiplies bf16 natively: figures differ a lot between CPUs."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            info = handle.read()
+    except OSError:
+        return platform.processor() or "CPU"
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "CPU")
+    return f"{name} ({'with' if 'avx512_bf16' in info.split() else 'without'} AVX-512 BF16)"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20, help="SFT steps per measured run")
@@ -140,7 +151,8 @@ def main():
             ["bash", "scripts/run_pipeline.sh"], {"OUT": "outputs/benchmark/pipeline", "PYTHON": sys.executable}
         )
 
-    machine = f"{platform.machine()}, {psutil.cpu_count()} CPU cores, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM, no GPU"
+    machine = (f"{platform.machine()} {cpu_model()}, {psutil.cpu_count()} CPU cores, "
+               f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM, no GPU")
     lines = [f"\n## {datetime.date.today().isoformat()} — {machine}, torch {__import__('torch').__version__}\n"]
     if rows:
         lines += [

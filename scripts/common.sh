@@ -4,7 +4,8 @@ NPROC=${NPROC:-1}
 
 launch() {
   if [ "$NPROC" -gt 1 ]; then
-    "$PYTHON" -m torch.distributed.run --nproc_per_node "$NPROC" "$@"
+    # --standalone: one machine, a free rendezvous port (two jobs on one machine never collide).
+    "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" "$@"
   else
     "$PYTHON" "$@"
   fi

