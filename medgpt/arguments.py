@@ -4,9 +4,11 @@ A script declares its dataclasses and calls `parse_args`. The first argument may
 file; flags given after it override the file. Unknown flags and unknown config keys are errors.
 """
 
+import argparse
 import json
 import logging
 import os
+import re
 import sys
 from dataclasses import dataclass, field, fields
 
@@ -15,6 +17,7 @@ import yaml
 from transformers import HfArgumentParser
 
 from medgpt.errors import InputError
+from medgpt.outputs import check_output_dir
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +68,11 @@ class LoraArguments:
         default=None, metadata={"help": "Continue training this adapter (e.g. the previous stage's output)."}
     )
 
+    def __post_init__(self):
+        at_least(self, "lora_rank", 1)
+        require(self.lora_alpha > 0, "lora_alpha", "must be positive", self.lora_alpha)
+        require(0 <= self.lora_dropout < 1, "lora_dropout", "must be in [0, 1)", self.lora_dropout)
+
 
 @dataclass
 class DataArguments:
@@ -83,8 +91,8 @@ class DataArguments:
     )
 
     def __post_init__(self):
-        if not 0 <= self.validation_split_percentage < 100:
-            raise InputError("--validation_split_percentage must be in [0, 100)")
+        require(0 <= self.validation_split_percentage < 100, "validation_split_percentage", "must be in [0, 100)",
+                self.validation_split_percentage)
 
 
 @dataclass
@@ -95,6 +103,12 @@ class PreferenceArguments:
     max_prompt_length: int = field(
         default=512, metadata={"help": "Over-long pairs keep at most this many prompt tokens (its end), then cut responses."}
     )
+
+    def __post_init__(self):
+        at_least(self, "max_length", 2)
+        at_least(self, "max_prompt_length", 1)
+        require(self.max_prompt_length < self.max_length, "max_prompt_length",
+                f"must be smaller than --max_length ({self.max_length}) to leave room for the answers", self.max_prompt_length)
 
 
 def cuda_bf16_available() -> bool:
@@ -121,16 +135,61 @@ def hardware_defaults(parser: HfArgumentParser) -> dict:
 def load_config_file(path: str) -> dict:
     if not os.path.isfile(path):
         raise InputError("config file not found", path)
-    with open(path, encoding="utf-8") as handle:
-        try:
-            config = json.load(handle) if path.endswith(".json") else yaml.safe_load(handle)
-        except (json.JSONDecodeError, yaml.YAMLError) as error:
-            raise InputError(f"cannot parse config: {error}".splitlines()[0], path) from None
+    try:
+        with open(path, encoding="utf-8-sig") as handle:
+            text = handle.read()
+    except UnicodeDecodeError as error:
+        raise InputError(f"not UTF-8 text ({error.reason} at byte {error.start})", path) from None
+    try:
+        config = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    except json.JSONDecodeError as error:
+        raise InputError(f"cannot parse config: {error.msg} at column {error.colno}", path, error.lineno) from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        line = mark.line + 1 if mark is not None else None
+        column = f" at column {mark.column + 1}" if mark is not None else ""
+        raise InputError(f"cannot parse config: {problem}{column}", path, line) from None
     if config is None:
-        return {}
+        return {}, {}
     if not isinstance(config, dict):
         raise InputError("a config file must hold a mapping of option: value", path)
-    return config
+    return config, config_key_lines(text, path)
+
+
+def config_key_lines(text: str, path: str) -> dict:
+    """The line each top-level key of a config file stands on, for error messages."""
+    if path.endswith(".json"):
+        lines = {}
+        for number, line in enumerate(text.splitlines(), start=1):
+            for key in re.findall(r'"([^"]+)"\s*:', line):
+                lines.setdefault(key, number)
+        return lines
+    node = yaml.compose(text)
+    if not isinstance(node, yaml.MappingNode):
+        return {}
+    return {key.value: key.start_mark.line + 1 for key, _ in node.value if isinstance(key, yaml.ScalarNode)}
+
+
+def typed_config_value(action, value, path: str, line=None):
+    """A config file's value checked and converted exactly as the same flag on the command line would be:
+    `max_steps: 1.5` is an error here, not a crash after the model has loaded."""
+    if value is None or action.type is None:
+        return value
+    if isinstance(value, (list, tuple)):
+        if action.nargs not in ("+", "*"):
+            return value  # options such as report_to take a list as their value
+        return [typed_config_value(action, item, path, line) for item in value]
+    if isinstance(value, dict):
+        return value
+    try:
+        converted = action.type(value if isinstance(value, bool) else str(value))
+    except (TypeError, ValueError, argparse.ArgumentTypeError):
+        kind = getattr(action.type, "__name__", "a valid value").replace("string_to_bool", "a boolean")
+        raise InputError(f"{action.dest}: expected {kind}, got {value!r}", path, line) from None
+    if action.choices is not None and converted not in action.choices:
+        raise InputError(f"{action.dest}: {value!r} is not one of {', '.join(map(str, action.choices))}", path, line)
+    return converted
 
 
 class SharedFieldParser(HfArgumentParser):
@@ -163,12 +222,14 @@ def parse_args(dataclass_types, argv: list[str] | None = None):
     parser.set_defaults(**hardware_defaults(parser))
     if argv and argv[0].endswith((".yaml", ".yml", ".json")) and not argv[0].startswith("-"):
         config_path = argv.pop(0)
-        config = load_config_file(config_path)
-        known = {action.dest for action in parser._actions}
+        config, lines = load_config_file(config_path)
+        actions = {action.dest: action for action in parser._actions}
         for key in config:
-            if key not in known:
-                raise InputError(f"unknown option '{key}'", config_path)
-        parser.set_defaults(**config)
+            if key not in actions:
+                raise InputError(f"unknown option '{key}'", config_path, lines.get(key))
+        parser.set_defaults(**{
+            key: typed_config_value(actions[key], value, config_path, lines.get(key)) for key, value in config.items()
+        })
     try:
         parsed = parser.parse_into_dataclasses(argv)
     except InputError:
@@ -177,11 +238,42 @@ def parse_args(dataclass_types, argv: list[str] | None = None):
         # Dataclass validation (e.g. TrainingArguments.__post_init__) rejects a combination of options.
         raise InputError(f"invalid options: {error}".splitlines()[0]) from None
     for args in parsed:
+        check_common_ranges(args)
+        if isinstance(getattr(args, "output_dir", None), str):
+            check_output_dir(args.output_dir)
         # Count the tokens trained on (logged as num_input_tokens_seen); argparse cannot take this
         # string as a default for the field's bool-or-string type, hence here.
         if getattr(args, "include_num_input_tokens_seen", None) == "no":
             args.include_num_input_tokens_seen = "non_padding"
     return parsed
+
+
+def require(condition: bool, flag: str, rule: str, value) -> None:
+    """Range check for an option: `--lora_rank must be at least 1, got 0` (exit status 2)."""
+    if not condition:
+        raise InputError(f"--{flag} {rule}, got {value!r}")
+
+
+def at_least(args, name: str, minimum) -> None:
+    value = getattr(args, name)
+    if value is not None:
+        require(value >= minimum, name, f"must be at least {minimum}", value)
+
+
+# Options of TrainingArguments (and the stages' own) whose range transformers checks late or not at all.
+COMMON_MINIMUMS = {
+    "per_device_train_batch_size": 1, "per_device_eval_batch_size": 1, "gradient_accumulation_steps": 1,
+    "learning_rate": 0, "logging_steps": 0, "save_steps": 0, "eval_steps": 0, "warmup_steps": 0,
+    "max_train_samples": 1, "max_eval_samples": 1, "num_train_epochs": 0, "max_grad_norm": 0,
+}
+
+
+def check_common_ranges(args) -> None:
+    for name, minimum in COMMON_MINIMUMS.items():
+        if hasattr(args, name):
+            at_least(args, name, minimum)
+    if hasattr(args, "max_steps") and args.max_steps is not None:
+        require(args.max_steps == -1 or args.max_steps > 0, "max_steps", "must be a positive number of steps or -1", args.max_steps)
 
 
 def comma_list(value: str | None) -> list[str] | None:

@@ -160,7 +160,7 @@ def test_unknown_flag_and_unknown_config_key_are_errors(tmp_path, tiny_model_dir
     config.write_text(f"model_name_or_path: {tiny_model_dir}\nlora_r: 8\n", encoding="utf-8")
     result = run_script("supervised_finetuning.py", str(config))
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1] == f"error: {config}: unknown option 'lora_r'"
+    assert result.stderr.strip().splitlines()[-1] == f"error: {config}:2: unknown option 'lora_r'"
 
 
 def test_missing_data_folder_is_a_clear_error(tmp_path, tiny_model_dir):
