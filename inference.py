@@ -15,10 +15,11 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-from medgpt.arguments import parse_args, setup_logging
+from medgpt.arguments import at_least, parse_args, setup_logging
 from medgpt.data import DataReport, load_records, query_to_messages
 from medgpt.errors import InputError, exit_on_input_error
 from medgpt.generation import ChatModel, GenerationArguments, InferenceModelArguments
+from medgpt.outputs import atomic_write_text, check_output_file
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +31,9 @@ class InferenceArguments:
     output_file: str | None = field(default=None, metadata={"help": "JSON Lines answers; default: print them."})
     batch_size: int = field(default=8, metadata={"help": "Questions generated together (left-padded)."})
 
+    def __post_init__(self):
+        at_least(self, "batch_size", 1)
+
 
 def read_queries(path: str) -> list[dict]:
     def convert(record):
@@ -39,8 +43,7 @@ def read_queries(path: str) -> list[dict]:
     return load_records(path, "query", DataReport("queries"), skip_invalid=False, converter=convert)
 
 
-def answer_file(chat_model: ChatModel, args: InferenceArguments, generation: GenerationArguments) -> None:
-    queries = read_queries(args.data_file)
+def answer_file(chat_model: ChatModel, queries: list[dict], args: InferenceArguments, generation: GenerationArguments) -> None:
     answers = chat_model.answer_batch([q["messages"] for q in queries], generation, args.batch_size)
     rows = []
     for query, answer in zip(queries, answers, strict=True):
@@ -49,9 +52,7 @@ def answer_file(chat_model: ChatModel, args: InferenceArguments, generation: Gen
             row["reference"] = query["reference"]
         rows.append(row)
     if args.output_file:
-        os.makedirs(os.path.dirname(os.path.abspath(args.output_file)), exist_ok=True)
-        with open(args.output_file, "w", encoding="utf-8") as handle:
-            handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        atomic_write_text(args.output_file, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
         logger.info("%d answers written to %s", len(rows), os.path.abspath(args.output_file))
     else:
         for row in rows:
@@ -92,11 +93,15 @@ def main(argv=None):
         raise InputError("pass either --interactive True or --data_file FILE")
     if inference_args.data_file and not os.path.isfile(inference_args.data_file):
         raise InputError("no such file", inference_args.data_file)
+    # Questions and the output location are checked before minutes of loading and generating, not after.
+    queries = read_queries(inference_args.data_file) if inference_args.data_file else []
+    if inference_args.output_file:
+        check_output_file(inference_args.output_file)
     chat_model = ChatModel(model_args)
     if inference_args.interactive:
         chat_loop(chat_model, generation)
     else:
-        answer_file(chat_model, inference_args, generation)
+        answer_file(chat_model, queries, inference_args, generation)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ import torch
 
 from medgpt.arguments import parse_args, setup_logging
 from medgpt.errors import InputError, exit_on_input_error
-from medgpt.modeling import adapter_base_model, is_adapter_folder, resolve_dtype
+from medgpt.modeling import adapter_base_model, check_adapter_path, check_model_path, hub_kwargs, resolve_dtype
+from medgpt.outputs import check_output_dir, publish_model_folder, staging_folder
 
 logger = logging.getLogger(__name__)
 
@@ -23,20 +24,25 @@ class MergeArguments:
     output_dir: str = field(default=None, metadata={"help": "Where the merged model is written."})
     base_model: str | None = field(default=None, metadata={"help": "Defaults to the base named in adapter_config.json."})
     torch_dtype: str = field(default="auto", metadata={"help": "auto keeps the base model's stored dtype."})
-    overwrite: bool = field(default=False, metadata={"help": "Allow writing into a non-empty output_dir."})
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "Write into a non-empty output_dir: its earlier model or adapter files are replaced, other files kept."},
+    )
     trust_remote_code: bool = field(default=False, metadata={"help": "Run code shipped with the model."})
 
 
 def check_paths(args: MergeArguments) -> None:
+    """Every input and the output location checked before minutes of loading and merging."""
     if not args.lora_model or not args.output_dir:
         raise InputError("--lora_model and --output_dir are required")
-    if not is_adapter_folder(args.lora_model):
-        raise InputError("no adapter_config.json here: not a LoRA adapter folder", args.lora_model)
+    check_adapter_path(args.lora_model, "--lora_model")
     args.base_model = args.base_model or adapter_base_model(args.lora_model)
     if not args.base_model:
         raise InputError("the adapter does not name its base model: pass --base_model", args.lora_model)
+    check_model_path(args.base_model, "--base_model")
+    check_output_dir(args.output_dir)
     if os.path.isdir(args.output_dir) and os.listdir(args.output_dir) and not args.overwrite:
-        raise InputError("output folder is not empty: pass --overwrite True to replace its files", args.output_dir)
+        raise InputError("output folder is not empty: pass --overwrite True to replace its model files", args.output_dir)
 
 
 @exit_on_input_error
@@ -47,24 +53,28 @@ def main(argv=None):
     from peft import PeftModel
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    local = {"local_files_only": True} if os.path.isdir(args.base_model) else {}
-    config = AutoConfig.from_pretrained(args.base_model, trust_remote_code=args.trust_remote_code, **local)
+    load = hub_kwargs(args.base_model, trust_remote_code=args.trust_remote_code)
+    config = AutoConfig.from_pretrained(args.base_model, **load)
     if args.torch_dtype == "auto":
         stored = getattr(config, "dtype", None)
         save_dtype = resolve_dtype(str(stored).removeprefix("torch.")) if stored else torch.float32
     else:
         save_dtype = resolve_dtype(args.torch_dtype)
     # Merge in fp32 so the low-rank update is added without rounding, then store in the chosen dtype.
-    base = AutoModelForCausalLM.from_pretrained(
-        args.base_model, dtype=torch.float32, trust_remote_code=args.trust_remote_code, **local
-    )
+    base = AutoModelForCausalLM.from_pretrained(args.base_model, dtype=torch.float32, **load)
     model = PeftModel.from_pretrained(base, args.lora_model).merge_and_unload()
     model = model.to(save_dtype)
 
-    tokenizer_source = args.lora_model if os.path.isfile(os.path.join(args.lora_model, "tokenizer_config.json")) else args.base_model
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, trust_remote_code=args.trust_remote_code, **local)
-    model.save_pretrained(args.output_dir)
-    tokenizer.save_pretrained(args.output_dir)
+    has_tokenizer = os.path.isfile(os.path.join(args.lora_model, "tokenizer_config.json"))
+    tokenizer_source = args.lora_model if has_tokenizer else args.base_model
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, **hub_kwargs(tokenizer_source, trust_remote_code=args.trust_remote_code))
+    # Written whole beside the output folder, then moved in: an interrupted merge leaves the old folder.
+    with staging_folder(args.output_dir) as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        stale = publish_model_folder(staging, args.output_dir)
+    if stale:
+        logger.info("removed the earlier model files %s from %s", ", ".join(sorted(stale)), args.output_dir)
     logger.info("merged %s + %s (%s) into %s", args.base_model, args.lora_model, save_dtype, os.path.abspath(args.output_dir))
 
 

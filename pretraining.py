@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from transformers import Trainer, TrainingArguments
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from medgpt.arguments import DataArguments, LoraArguments, ModelArguments, parse_args, setup_logging
+from medgpt.arguments import DataArguments, LoraArguments, ModelArguments, at_least, parse_args, setup_logging
 from medgpt.data import load_splits
 from medgpt.encoding import encode_text_blocks
 from medgpt.errors import exit_on_input_error
@@ -23,6 +23,9 @@ from medgpt.training import train_on_rows
 @dataclass
 class PretrainingArguments:
     block_size: int = field(default=512, metadata={"help": "Tokens per training block."})
+
+    def __post_init__(self):
+        at_least(self, "block_size", 2)
 
 
 @exit_on_input_error

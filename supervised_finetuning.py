@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 
 from trl import SFTConfig, SFTTrainer
 
-from medgpt.arguments import DataArguments, LoraArguments, ModelArguments, parse_args, setup_logging
+from medgpt.arguments import DataArguments, LoraArguments, ModelArguments, at_least, parse_args, setup_logging
 from medgpt.chat import ChatFormat
-from medgpt.data import load_splits
+from medgpt.data import load_splits, log_reports
 from medgpt.encoding import encode_conversations
-from medgpt.errors import exit_on_input_error
+from medgpt.errors import InputError, exit_on_input_error
 from medgpt.modeling import load_tokenizer, prepare_model
 from medgpt.training import train_on_rows
 
@@ -28,8 +28,20 @@ class SFTArguments:
         default=1024,
         metadata={"help": "Longest sample in tokens. Longer ones lose their oldest turns, then their answer's tail."},
     )
+    truncate_long_prompts: bool = field(
+        default=True,
+        metadata={"help": "A prompt that leaves no room for its answer keeps its end (the question's last tokens, the "
+                  "assistant header, the system turn if it fits) and counts as truncated; False: such a record is an "
+                  "error (or a counted rejection with --skip_invalid_records)."},
+    )
     train_on_inputs: bool = field(default=False, metadata={"help": "Also compute the loss on prompts."})
-    neft_alpha: float | None = field(default=None, metadata={"help": "NEFTune embedding noise (e.g. 5); off by default."})
+    neft_alpha: float | None = field(
+        default=None, metadata={"help": "NEFTune embedding noise (e.g. 5); the same as --neftune_noise_alpha. Off by default."}
+    )
+
+    def __post_init__(self):
+        at_least(self, "model_max_length", 2)
+        at_least(self, "neft_alpha", 0)
 
 
 @exit_on_input_error
@@ -50,16 +62,18 @@ def main(argv=None):
         max_length=sft_args.model_max_length,
         train_on_inputs=sft_args.train_on_inputs,
         skip_invalid=data_args.skip_invalid_records,
+        truncate_long_prompts=sft_args.truncate_long_prompts,
     )
     train_rows = encode_conversations(train_records, report=train_report, **encode)
     eval_rows = encode_conversations(eval_records, report=eval_report, **encode) if eval_records else []
-    train_report.log()
-    if eval_rows:
-        eval_report.log()
+    log_reports(train_report, eval_report, eval_rows)
 
     # Samples are already tokenized and cut to model_max_length; the trainer only batches (or packs) them.
     training_args.max_length = sft_args.model_max_length
-    training_args.neftune_noise_alpha = sft_args.neft_alpha
+    if sft_args.neft_alpha is not None:
+        if training_args.neftune_noise_alpha not in (None, sft_args.neft_alpha):
+            raise InputError("--neft_alpha and --neftune_noise_alpha are the same option: give one of them")
+        training_args.neftune_noise_alpha = sft_args.neft_alpha
     model = prepare_model(model_args, lora_args, training_args)
     train_on_rows(SFTTrainer, model, tokenizer, training_args, train_rows, eval_rows)
 

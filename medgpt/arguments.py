@@ -69,6 +69,10 @@ class LoraArguments:
     )
 
     def __post_init__(self):
+        if self.peft_path:
+            from medgpt.modeling import check_adapter_path
+
+            check_adapter_path(self.peft_path, "--peft_path")
         at_least(self, "lora_rank", 1)
         require(self.lora_alpha > 0, "lora_alpha", "must be positive", self.lora_alpha)
         require(0 <= self.lora_dropout < 1, "lora_dropout", "must be in [0, 1)", self.lora_dropout)

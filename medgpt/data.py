@@ -5,6 +5,7 @@ Every stage reads its files through `load_records`. Each record is converted to 
 converted is an `InputError` naming `path:line`, or, with `--skip_invalid_records`, a counted rejection.
 """
 
+import codecs
 import json
 import logging
 import os
@@ -48,6 +49,8 @@ class DataReport:
     read: int = 0
     kept: int = 0
     truncated: int = 0
+    left_out: int = 0  # read but not used because of a --max_*_samples cap
+    cap_flag: str = ""
     rejected: Counter = field(default_factory=Counter)
     examples: dict = field(default_factory=dict)
 
@@ -60,6 +63,8 @@ class DataReport:
             f"{self.name}: read {self.read} records, kept {self.kept}, truncated {self.truncated}, "
             f"rejected {sum(self.rejected.values())}"
         )
+        if self.left_out:
+            text += f", left out {self.left_out} (over {self.cap_flag})"
         for kind, count in self.rejected.most_common():
             text += f"\n  rejected {count} x {kind} (first at {self.examples[kind]})"
         return text
@@ -83,28 +88,94 @@ def find_data_files(path: str) -> list[str]:
     return files
 
 
+def decode_lines(path: str) -> tuple[list[str], set[int]]:
+    """The file's lines as text, and the numbers of the lines that are not valid UTF-8 (decoded with
+    replacement characters so the rest of the file can still be read). A leading byte-order mark is dropped."""
+    with open(path, "rb") as handle:
+        raw = handle.read()
+    raw = raw.removeprefix(codecs.BOM_UTF8)
+    lines, bad = [], set()
+    for number, line in enumerate(raw.split(b"\n"), start=1):
+        try:
+            lines.append(line.decode("utf-8"))
+        except UnicodeDecodeError:
+            lines.append(line.decode("utf-8", errors="replace"))
+            bad.add(number)
+    return lines, bad
+
+
+def invalid_utf8_error() -> RecordError:
+    return RecordError("invalid UTF-8", "not valid UTF-8 text (save the file as UTF-8)")
+
+
+def _skip_space(text: str, index: int) -> int:
+    while index < len(text) and text[index] in " \t\r\n":
+        index += 1
+    return index
+
+
+def read_json_array(path: str, content: str, bad_lines: set[int]):
+    """Yield (line, record) for each element of a JSON array, each at the line where it starts. A syntax
+    error stops the whole file at its line: nothing after it can be trusted."""
+    decoder = json.JSONDecoder()
+    index = _skip_space(content, content.index("[") + 1)
+    line, counted = 1, 0
+    if index < len(content) and content[index] == "]":
+        return
+    while True:
+        try:
+            item, end = decoder.raw_decode(content, index)
+        except json.JSONDecodeError as error:
+            raise InputError(f"malformed JSON: {error.msg} at column {error.colno}", path, error.lineno) from None
+        line += content.count("\n", counted, index)
+        counted = index
+        last_line = line + content.count("\n", index, end)
+        if bad_lines & set(range(line, last_line + 1)):
+            yield line, invalid_utf8_error()
+        else:
+            yield line, item
+        index = _skip_space(content, end)
+        if index < len(content) and content[index] == ",":
+            index = _skip_space(content, index + 1)
+            continue
+        if index < len(content) and content[index] == "]":
+            if _skip_space(content, index + 1) < len(content):
+                where = content.count("\n", 0, index) + 1
+                raise InputError("malformed JSON: text after the closing ']'", path, where)
+            return
+        # Reported where the comma is missing: at the end of the record before it.
+        raise InputError("malformed JSON: ',' or ']' missing after the record that ends here", path, last_line)
+
+
 def read_raw_records(path: str):
     """Yield (line, record) pairs. .txt: one text per non-empty line. .jsonl: one JSON object per line.
-    .json: a JSON array (or one object) of records, or JSON lines under a .json name."""
-    with open(path, encoding="utf-8") as handle:
-        content = handle.read()
+    .json: a JSON array of records, one object, or JSON lines under a .json name. A record that cannot be
+    read comes as a RecordError at its line."""
+    lines, bad_lines = decode_lines(path)
     if path.endswith(".txt"):
-        for number, line in enumerate(content.splitlines(), start=1):
-            if line.strip():
-                yield number, {"text": line}
+        for number, line in enumerate(lines, start=1):
+            if number in bad_lines:
+                yield number, invalid_utf8_error()
+            elif line.strip():
+                yield number, {"text": line.rstrip("\r")}
         return
     if path.endswith(".json"):
+        content = "\n".join(lines)
+        if content.lstrip().startswith("["):
+            yield from read_json_array(path, content, bad_lines)
+            return
         try:
             whole = json.loads(content)
         except json.JSONDecodeError:
             whole = None  # not one document: read it as JSON lines below
-        if whole is not None:
-            items = whole if isinstance(whole, list) else [whole]
-            for index, item in enumerate(items):
-                yield f"record {index + 1}", item
+        if whole is not None and not bad_lines:
+            yield content.count("\n", 0, _skip_space(content, 0)) + 1, whole
             return
-    for number, line in enumerate(content.splitlines(), start=1):
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
+            continue
+        if number in bad_lines:
+            yield number, invalid_utf8_error()
             continue
         try:
             record = json.loads(line)
@@ -272,13 +343,31 @@ def load_splits(data_args, kind: str, seed: int = 42, converter=None):
         evaluation, train = shuffled[:held_out], shuffled[held_out:]
         eval_report.read = held_out
         train_report.read -= held_out
-    if data_args.max_train_samples is not None:
-        train = train[: data_args.max_train_samples]
-    if data_args.max_eval_samples is not None:
-        evaluation = evaluation[: data_args.max_eval_samples]
+    train = apply_cap(train, data_args.max_train_samples, train_report, "--max_train_samples")
+    evaluation = apply_cap(evaluation, data_args.max_eval_samples, eval_report, "--max_eval_samples")
     if not train:
         raise InputError("no usable training records", data_args.train_file_dir)
+    if data_args.validation_file_dir and not evaluation:
+        eval_report.log()
+        raise InputError("no usable validation records: every one was rejected", data_args.validation_file_dir)
     return train, evaluation, train_report, eval_report
+
+
+def apply_cap(records: list, cap: int | None, report: DataReport, flag: str) -> list:
+    if cap is None or len(records) <= cap:
+        return records
+    report.left_out, report.cap_flag = len(records) - cap, flag
+    return records[:cap]
+
+
+def log_reports(train_report: DataReport, eval_report: DataReport, eval_rows: list) -> None:
+    """Log what became of every record; a validation set asked for but left empty by encoding is an error,
+    not a run that silently skips evaluation."""
+    train_report.log()
+    if eval_report.read:
+        eval_report.log()
+        if not eval_rows:
+            raise InputError("no usable validation records: every one was rejected (see the report above)")
 
 
 QUERY_TEXT_KEYS = ("question", "query", "prompt", "instruction")
@@ -355,6 +444,8 @@ def record_to_preference(record: dict) -> dict:
             raise RecordError(f"missing {key}", f"preference record has no '{key}'")
     chosen = _response_text(record[chosen_key], chosen_key)
     rejected = _response_text(record[rejected_key], rejected_key)
+    if chosen.strip() == rejected.strip():
+        raise RecordError("chosen equals rejected", f"{chosen_key} and {rejected_key} are the same answer: the pair teaches nothing")
 
     if "conversations" in record:
         prompt = _turns_from_list(record["conversations"], "conversations", "from", "value")
@@ -394,8 +485,6 @@ def load_question_splits(data_args, seed: int, needs_answer: bool):
         data_args, "question", seed, converter=lambda record: question_record(record, needs_answer)
     )
     train_report.kept, eval_report.kept = len(train), len(evaluation)
-    train_report.log()
-    if evaluation:
-        eval_report.log()
+    log_reports(train_report, eval_report, evaluation)
     strip = lambda rows: [{"prompt": row["prompt"], "answer": row["answer"]} for row in rows]  # noqa: E731
     return strip(train), strip(evaluation)

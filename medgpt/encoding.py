@@ -38,27 +38,72 @@ class PromptTooLong(ValueError):
     pass
 
 
-def encode_conversation(messages, chat_format, tokenizer, max_length: int, train_on_inputs: bool = False):
+def shorten_prompt(messages: list[dict], chat_format, tokenizer, max_length: int) -> list[dict]:
+    """A one-exchange conversation whose prompt leaves no room for its answer, shortened so that the answer
+    gets at least half of `max_length` (or all it needs): the user turn keeps its last tokens (the question
+    is usually at its end), the template's assistant header stays, and the system turn stays when it takes
+    at most half of what the prompt may use."""
+    has_system = messages[0]["role"] == "system"
+    user_index = 1 if has_system else 0
+    prompt_text, answer_text = chat_format.split(messages)[0]
+    answer_length = len(_tokenize(tokenizer, answer_text))
+    budget = max_length - min(answer_length, max(1, max_length // 2))
+    content_ids = _tokenize(tokenizer, messages[user_index]["content"])
+
+    def prompt_length(candidate):
+        return len(_tokenize(tokenizer, chat_format.split(candidate)[0][0]))
+
+    def with_user_text(candidate, text):
+        candidate = [dict(message) for message in candidate]
+        candidate[1 if candidate[0]["role"] == "system" else 0]["content"] = text
+        return candidate
+
+    candidate = with_user_text(messages, "")
+    overhead = prompt_length(candidate)
+    if has_system and overhead - prompt_length(candidate[1:]) > budget // 2:
+        candidate = candidate[1:]  # the system turn would crowd out the question
+        overhead = prompt_length(candidate)
+    if overhead >= budget:
+        raise PromptTooLong(f"the template and system turn alone take {overhead} of {max_length} tokens")
+    keep = budget - overhead
+    while keep > 0:
+        text = tokenizer.decode(content_ids[-keep:]).lstrip("\ufffd")  # no half character at the cut
+        shortened = with_user_text(candidate, text)
+        excess = prompt_length(shortened) - budget
+        if excess <= 0:
+            return shortened
+        keep -= excess
+    return candidate
+
+
+def encode_conversation(messages, chat_format, tokenizer, max_length: int, train_on_inputs: bool = False,
+                        truncate_long_prompts: bool = True):
     """(input_ids, labels, truncated) for one conversation, at most `max_length` tokens.
 
-    Too long: first drop the oldest exchanges, then cut the tail of the last answer that fits. The cut
-    never lands inside a prompt, so the model never learns from a prompt whose assistant header is missing.
+    Too long: first drop the oldest exchanges; if the last exchange's prompt alone leaves no room for its
+    answer, shorten that prompt (see `shorten_prompt`; with `truncate_long_prompts=False` that is an error);
+    then cut the tail of the last answer that fits. The cut never lands inside a prompt, so the model never
+    learns from a prompt whose assistant header is missing.
     """
     truncated = False
     while True:
         input_ids, is_answer = encode_segments(chat_format.split(messages), tokenizer)
         if len(input_ids) <= max_length:
             break
+        truncated = True
         shorter = drop_oldest_exchange(messages)
-        if shorter is None:
-            answer_positions = [i for i in range(max_length) if is_answer[i]]
-            if not answer_positions:
+        if shorter is not None:
+            messages = shorter
+            continue
+        if not any(is_answer[:max_length]):
+            if not truncate_long_prompts:
                 raise PromptTooLong(f"the prompt alone is longer than {max_length} tokens")
-            cut = answer_positions[-1] + 1
+            messages = shorten_prompt(messages, chat_format, tokenizer, max_length)
+            input_ids, is_answer = encode_segments(chat_format.split(messages), tokenizer)
+        if len(input_ids) > max_length:
+            cut = max(i for i in range(max_length) if is_answer[i]) + 1
             input_ids, is_answer = input_ids[:cut], is_answer[:cut]
-            truncated = True
-            break
-        messages, truncated = shorter, True
+        break
     if train_on_inputs:
         labels = list(input_ids)
     else:
@@ -66,18 +111,22 @@ def encode_conversation(messages, chat_format, tokenizer, max_length: int, train
     return input_ids, labels, truncated
 
 
-def encode_conversations(records, chat_format, tokenizer, max_length, train_on_inputs, report: DataReport, skip_invalid: bool):
+def encode_conversations(records, chat_format, tokenizer, max_length, train_on_inputs, report: DataReport, skip_invalid: bool,
+                         truncate_long_prompts: bool = True):
     """Encode every record; count truncations; a prompt too long to keep is an error or a counted rejection."""
     rows = []
     for record in records:
         try:
             input_ids, labels, truncated = encode_conversation(
-                record["messages"], chat_format, tokenizer, max_length, train_on_inputs
+                record["messages"], chat_format, tokenizer, max_length, train_on_inputs, truncate_long_prompts
             )
         except PromptTooLong as error:
             if not skip_invalid:
                 path, _, line = record["source"].rpartition(":")
-                raise InputError(f"{error} (raise --model_max_length or pass --skip_invalid_records)", path, line) from None
+                hint = "raise --model_max_length, pass --skip_invalid_records True"
+                if not truncate_long_prompts:
+                    hint += " or --truncate_long_prompts True"
+                raise InputError(f"{error} ({hint})", path, line) from None
             report.reject("prompt longer than model_max_length", record["source"])
             continue
         report.truncated += truncated
@@ -154,13 +203,11 @@ def encode_preferences(records, chat_format, tokenizer, max_length: int, max_pro
 
 def load_preference_rows(data_args, preference_args, chat_format, tokenizer, seed: int):
     """Training and validation preference pairs as token ids, with their reports logged."""
-    from medgpt.data import load_splits
+    from medgpt.data import load_splits, log_reports
 
     train, evaluation, train_report, eval_report = load_splits(data_args, "preference", seed)
     lengths = dict(max_length=preference_args.max_length, max_prompt_length=preference_args.max_prompt_length)
     train_rows = encode_preferences(train, chat_format, tokenizer, report=train_report, **lengths)
     eval_rows = encode_preferences(evaluation, chat_format, tokenizer, report=eval_report, **lengths) if evaluation else []
-    train_report.log()
-    if eval_rows:
-        eval_report.log()
+    log_reports(train_report, eval_report, eval_rows)
     return train_rows, eval_rows

@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from medgpt.arguments import at_least, require
 from medgpt.chat import ChatFormat
-from medgpt.errors import InputError
-from medgpt.modeling import check_model_path, is_adapter_folder, resolve_dtype
+from medgpt.modeling import check_adapter_path, check_model_path, hub_kwargs, resolve_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -22,6 +22,13 @@ class GenerationArguments:
     top_k: int = field(default=40, metadata={"help": "Sample among the k most likely tokens (0: no limit)."})
     repetition_penalty: float = field(default=1.0, metadata={"help": "Above 1 discourages repeating tokens."})
     seed: int = field(default=42, metadata={"help": "Random seed for sampling."})
+
+    def __post_init__(self):
+        at_least(self, "max_new_tokens", 1)
+        at_least(self, "temperature", 0)
+        require(0 < self.top_p <= 1, "top_p", "must be in (0, 1]", self.top_p)
+        at_least(self, "top_k", 0)
+        require(self.repetition_penalty > 0, "repetition_penalty", "must be positive", self.repetition_penalty)
 
     def generate_kwargs(self) -> dict:
         if self.temperature <= 0:
@@ -56,14 +63,15 @@ class ChatModel:
     def __init__(self, args: InferenceModelArguments):
         from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-        base = check_model_path(args.base_model)
-        if args.lora_model and not is_adapter_folder(args.lora_model):
-            raise InputError("no adapter_config.json here: not a LoRA adapter folder", args.lora_model)
+        base = check_model_path(args.base_model, "--base_model")
+        if args.lora_model:
+            check_adapter_path(args.lora_model, "--lora_model")
         # A stage's output folder holds the tokenizer with the template it trained with: prefer it.
         has_tokenizer = args.lora_model and os.path.isfile(os.path.join(args.lora_model, "tokenizer_config.json"))
         tokenizer_source = args.lora_model if has_tokenizer else base
-        local = {"local_files_only": True} if os.path.isdir(tokenizer_source) else {}
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, trust_remote_code=args.trust_remote_code, **local)
+        self.tokenizer = AutoTokenizer.from_pretrained(
+            tokenizer_source, **hub_kwargs(tokenizer_source, trust_remote_code=args.trust_remote_code)
+        )
         self.tokenizer.padding_side = "left"  # generation continues from the right end of every row
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.unk_token or self.tokenizer.eos_token
@@ -71,9 +79,7 @@ class ChatModel:
         self.system_prompt = args.system_prompt
 
         dtype = resolve_dtype(args.torch_dtype)
-        kwargs = {"dtype": dtype, "trust_remote_code": args.trust_remote_code}
-        if os.path.isdir(base):
-            kwargs["local_files_only"] = True
+        kwargs = dict(hub_kwargs(base, trust_remote_code=args.trust_remote_code), dtype=dtype)
         if args.load_in_4bit or args.load_in_8bit:
             kwargs["quantization_config"] = BitsAndBytesConfig(
                 load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit, bnb_4bit_compute_dtype=dtype

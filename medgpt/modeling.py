@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import shutil
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
@@ -25,27 +26,75 @@ def resolve_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def hub_kwargs(path: str, model_args) -> dict:
-    """A local folder is read from disk only: no hub request, even to check for updates."""
-    kwargs = {"trust_remote_code": model_args.trust_remote_code, "cache_dir": model_args.cache_dir}
+def is_weight_file(name: str) -> bool:
+    return name.endswith((".safetensors", ".gguf")) or (name.startswith("pytorch_model") and name.endswith(".bin"))
+
+
+def hub_downloads_allowed() -> bool:
+    """The toolkit reads models from disk (or the local hub cache) unless downloads are asked for with
+    HF_HUB_OFFLINE=0: a mistyped folder then fails at once instead of after half a minute of retries."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("0", "false", "no", "off")
+
+
+def _is_hub_id(name: str) -> bool:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _in_hub_cache(name: str, cache_dir: str | None) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(name, "config.json", cache_dir=cache_dir), str)
+
+
+def check_model_path(path: str | None, flag: str = "--model_name_or_path", needs_weights: bool = True,
+                     cache_dir: str | None = None) -> str:
+    """A folder holding a model (config and weights), or a hub id that is in the local hub cache or may be
+    downloaded (HF_HUB_OFFLINE=0). Anything else is an error naming the path, before any work starts."""
+    if not path:
+        raise InputError(f"{flag} is required")
     if os.path.isdir(path):
+        names = os.listdir(path)
+        if "config.json" not in names:
+            if "adapter_config.json" in names:
+                raise InputError(f"this is a LoRA adapter folder, not a model: give its base model as {flag} "
+                                 "and the adapter as --peft_path (training) or --lora_model (inference, merge)", path)
+            if not needs_weights and ("tokenizer_config.json" in names or "tokenizer.json" in names):
+                return path
+            raise InputError(f"no config.json here: not a model folder ({flag})", path)
+        if needs_weights and not any(is_weight_file(name) for name in names):
+            raise InputError(f"no model weights (.safetensors or .bin files) in this folder ({flag})", path)
+        return path
+    if os.path.exists(path):
+        raise InputError(f"{flag} must be a model folder, not a file", path)
+    if _is_hub_id(path) and (_in_hub_cache(path, cache_dir) or hub_downloads_allowed()):
+        return path
+    hint = " (hub ids are downloaded only with HF_HUB_OFFLINE=0)" if _is_hub_id(path) else ""
+    raise InputError(f"model folder not found{hint}", path)
+
+
+def hub_kwargs(path: str, model_args=None, trust_remote_code: bool | None = None, cache_dir: str | None = None) -> dict:
+    """from_pretrained arguments: a local folder or cached hub model is read from disk only, with no hub
+    request, even to check for updates."""
+    if model_args is not None:
+        trust_remote_code, cache_dir = model_args.trust_remote_code, model_args.cache_dir
+    kwargs = {"trust_remote_code": bool(trust_remote_code), "cache_dir": cache_dir}
+    if os.path.isdir(path) or not hub_downloads_allowed():
         kwargs["local_files_only"] = True
     return kwargs
 
 
-def check_model_path(path: str | None) -> str:
-    """A local folder, or something shaped like a hub id (`org/name`); anything else is a typo'd folder."""
-    if not path:
-        raise InputError("--model_name_or_path is required")
-    if os.path.isdir(path):
-        return path
-    if path.startswith((".", "/", "~")) or path.count("/") != 1:
-        raise InputError("model folder not found", path)
-    return path
-
-
 def load_tokenizer(model_args, padding_side: str = "right"):
-    path = check_model_path(model_args.tokenizer_name_or_path or model_args.model_name_or_path)
+    if model_args.tokenizer_name_or_path:
+        path = check_model_path(model_args.tokenizer_name_or_path, "--tokenizer_name_or_path", needs_weights=False,
+                                cache_dir=model_args.cache_dir)
+    else:
+        path = check_model_path(model_args.model_name_or_path, cache_dir=model_args.cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(path, **hub_kwargs(path, model_args))
     if tokenizer.pad_token is None:
         # Padding positions are masked out of attention and loss, so any existing token serves.
@@ -75,7 +124,7 @@ def device_map():
 
 
 def load_causal_lm(model_args, model_class=AutoModelForCausalLM, **extra):
-    path = check_model_path(model_args.model_name_or_path)
+    path = check_model_path(model_args.model_name_or_path, cache_dir=model_args.cache_dir)
     dtype = resolve_dtype(model_args.torch_dtype)
     kwargs = dict(hub_kwargs(path, model_args), dtype=dtype, **extra)
     quant = quantization_config(model_args, dtype)
@@ -99,8 +148,7 @@ def attach_lora(model, lora_args, model_args, task_type: str = "CAUSAL_LM", grad
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     continue_adapter = False
     if lora_args.peft_path:
-        if not is_adapter_folder(lora_args.peft_path):
-            raise InputError("no adapter_config.json here: not a LoRA adapter folder", lora_args.peft_path)
+        check_adapter_path(lora_args.peft_path, "--peft_path")
         with open(os.path.join(lora_args.peft_path, "adapter_config.json"), encoding="utf-8") as handle:
             continue_adapter = json.load(handle).get("task_type") == task_type
         if not continue_adapter:
@@ -145,11 +193,36 @@ def prepare_model(model_args, lora_args, training_args, model_class=AutoModelFor
 
 
 def save_model_and_tokenizer(trainer, tokenizer, output_dir: str) -> None:
-    """Save weights (safetensors; the adapter alone for LoRA) and the tokenizer with its chat template."""
-    trainer.save_model(output_dir)
-    if trainer.args.process_index == 0:
-        tokenizer.save_pretrained(output_dir)
+    """Save weights (safetensors; the adapter alone for LoRA) and the tokenizer with its chat template.
+
+    Everything is written into a staging folder first and then moved into `output_dir`, replacing the
+    model or adapter files of an earlier run there (a stale adapter would otherwise shadow new full
+    weights), so an interrupted save never leaves a mix of old and new files."""
+    from medgpt.outputs import publish_model_folder, staging_path
+
+    staging = staging_path(output_dir)
+    main_process = trainer.args.process_index == 0
+    if main_process:
+        shutil.rmtree(staging, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(staging)  # every process: sharded (DeepSpeed/FSDP) weights are gathered here
+    if main_process:
+        tokenizer.save_pretrained(staging)
+        stale = publish_model_folder(staging, output_dir)
+        shutil.rmtree(staging, ignore_errors=True)
+        if stale:
+            logger.info("removed the earlier model files %s from %s", ", ".join(sorted(stale)), output_dir)
         logger.info("model and tokenizer saved to %s", os.path.abspath(output_dir))
+    trainer.accelerator.wait_for_everyone()
+
+
+def check_adapter_path(path: str, flag: str) -> str:
+    if not os.path.isdir(path):
+        raise InputError(f"adapter folder not found ({flag})", path)
+    if not is_adapter_folder(path):
+        hint = " (it holds a full model: pass it as the model instead)" if os.path.isfile(os.path.join(path, "config.json")) else ""
+        raise InputError(f"no adapter_config.json here: not a LoRA adapter folder ({flag}){hint}", path)
+    return path
 
 
 def is_adapter_folder(path: str) -> bool:

@@ -13,7 +13,7 @@ from medgpt.errors import InputError
 # them: an adapter left beside merged weights would be loaded instead of them (and old shards beside new
 # ones would be mixed in).
 MODEL_FILE_PATTERNS = (
-    "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin",
+    "config.json", "generation_config.json", "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin",
     "model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json",
     "pytorch_model.bin", "pytorch_model-*-of-*.bin", "pytorch_model.bin.index.json",
     "value_head.safetensors",
@@ -75,13 +75,19 @@ def atomic_write_text(path: str, text: str) -> None:
         stream.write(text)
 
 
+def staging_path(output_dir: str) -> str:
+    """A fixed temporary folder beside `output_dir` (same file system, so its files can be renamed into
+    place; the same name in every process of a distributed run)."""
+    absolute = os.path.abspath(output_dir)
+    return os.path.join(os.path.dirname(absolute), f".{os.path.basename(absolute)}.partial")
+
+
 @contextlib.contextmanager
 def staging_folder(output_dir: str):
-    """A temporary folder beside `output_dir` (same file system, so its files can be renamed into place);
-    removed afterwards whatever happens."""
-    parent = os.path.dirname(os.path.abspath(output_dir))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(os.path.abspath(output_dir))}.", suffix=".partial")
+    """`staging_path(output_dir)`, emptied first and removed afterwards whatever happens."""
+    staging = staging_path(output_dir)
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(staging)
     try:
         yield staging
     finally:
@@ -97,7 +103,6 @@ def publish_model_folder(staging: str, output_dir: str) -> list[str]:
     renamed into place whole."""
     if not os.path.exists(output_dir):
         os.replace(staging, output_dir)
-        os.makedirs(staging)  # staging_folder removes it afterwards
         return []
     new_files = set(os.listdir(staging))
     stale = [name for name in os.listdir(output_dir) if is_model_file(name) and name not in new_files]

@@ -111,13 +111,19 @@ class RewardModelScorer:
         from peft import PeftModel
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from medgpt.modeling import adapter_base_model, is_adapter_folder
+        from medgpt.modeling import adapter_base_model, check_model_path, hub_kwargs, is_adapter_folder
 
         if not os.path.isdir(path):
-            raise InputError("reward model folder not found", path)
-        base = adapter_base_model(path) if is_adapter_folder(path) else path
+            raise InputError("reward model folder not found (--reward_model_path)", path)
+        if is_adapter_folder(path):
+            base = adapter_base_model(path)
+            if not base:
+                raise InputError("the reward adapter does not name its base model in adapter_config.json", path)
+            check_model_path(base, "the reward adapter's base model")
+        else:
+            base = check_model_path(path, "--reward_model_path")
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, dtype=dtype, local_files_only=os.path.isdir(base))
+        model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, dtype=dtype, **hub_kwargs(base))
         if is_adapter_folder(path):
             model = PeftModel.from_pretrained(model, path).merge_and_unload()
         if self.tokenizer.pad_token is None:

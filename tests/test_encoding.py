@@ -78,15 +78,50 @@ def test_too_long_single_exchange_cuts_the_answer_tail_never_the_prompt(tokenize
     assert tokenizer.decode(input_ids[:prompt_length]) == prompt  # header intact
     assert sum(l != IGNORE_INDEX for l in labels) == 2
     with pytest.raises(ValueError, match="prompt alone is longer"):
-        encode_conversation(single, chatml, tokenizer, prompt_length)
+        encode_conversation(single, chatml, tokenizer, prompt_length, truncate_long_prompts=False)
 
 
-def test_prompt_too_long_is_an_error_or_a_counted_rejection(tokenizer, chatml):
-    records = [{"messages": CONVERSATION[:3], "source": "train.jsonl:4"}]
-    with pytest.raises(InputError, match=r"^train.jsonl:4: the prompt alone is longer than 8 tokens"):
-        encode_conversations(records, chatml, tokenizer, 8, False, DataReport("train"), skip_invalid=False)
+LONG_QUESTION = [
+    {"role": "system", "content": "You are a careful doctor."},
+    {"role": "user", "content": "Background: " + "my blood pressure was normal last year, " * 30 + "so what does 150/95 mean now?"},
+    {"role": "assistant", "content": "It is high: see your doctor, who may repeat it and check your kidneys."},
+]
+
+
+def test_a_prompt_longer_than_the_limit_keeps_its_end_and_trains_on_the_answer(tokenizer, chatml):
+    answer_text = chatml.split(LONG_QUESTION)[0][1]
+    answer_length = len(tokenizer(answer_text, add_special_tokens=False)["input_ids"])
+    input_ids, labels, truncated = encode_conversation(LONG_QUESTION, chatml, tokenizer, max_length=64)
+    assert truncated and len(input_ids) <= 64
+    text = tokenizer.decode(input_ids)
+    # the system turn (it fits), the end of the question and the assistant header survive; the start does not
+    assert text.startswith("<|im_start|>system\nYou are a careful doctor.<|im_end|>\n<|im_start|>user\n")
+    assert "so what does 150/95 mean now?<|im_end|>\n<|im_start|>assistant\n" in text
+    assert "Background" not in text
+    # the whole answer (it needs less than half the length) is kept, and the loss is on it alone
+    assert answer_length < 32
+    assert labelled_text(tokenizer, input_ids, labels) == answer_text
+
+
+def test_a_system_turn_too_large_to_fit_gives_way_to_the_question(tokenizer, chatml):
+    conversation = [{"role": "system", "content": "Rules: " + "be careful and kind, " * 40}] + LONG_QUESTION[1:]
+    input_ids, labels, truncated = encode_conversation(conversation, chatml, tokenizer, max_length=64)
+    text = tokenizer.decode(input_ids)
+    assert truncated and len(input_ids) <= 64
+    assert "Rules" not in text and text.startswith("<|im_start|>user\n")
+    assert "mean now?<|im_end|>\n<|im_start|>assistant\nIt is high" in text
+
+
+def test_prompt_too_long_is_truncated_by_default_or_an_error_or_a_counted_rejection(tokenizer, chatml):
+    records = [{"messages": LONG_QUESTION, "source": "train.jsonl:4"}]
     report = DataReport("train")
-    assert encode_conversations(records, chatml, tokenizer, 8, False, report, skip_invalid=True) == []
+    rows = encode_conversations(records, chatml, tokenizer, 64, False, report, skip_invalid=False)
+    assert len(rows) == 1 and (report.kept, report.truncated) == (1, 1)
+    strict = dict(skip_invalid=False, truncate_long_prompts=False)
+    with pytest.raises(InputError, match=r"^train.jsonl:4: the prompt alone is longer than 64 tokens"):
+        encode_conversations(records, chatml, tokenizer, 64, False, DataReport("train"), **strict)
+    report = DataReport("train")
+    assert encode_conversations(records, chatml, tokenizer, 64, False, report, skip_invalid=True, truncate_long_prompts=False) == []
     assert report.rejected["prompt longer than model_max_length"] == 1
 
 
