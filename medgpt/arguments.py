@@ -192,7 +192,9 @@ def typed_config_value(action, value, path: str, line=None):
         kind = getattr(action.type, "__name__", "a valid value").replace("string_to_bool", "a boolean")
         raise InputError(f"{action.dest}: expected {kind}, got {value!r}", path, line) from None
     if action.choices is not None and converted not in action.choices:
-        raise InputError(f"{action.dest}: {value!r} is not one of {', '.join(map(str, action.choices))}", path, line)
+        # YAML reads an unquoted no/yes/off/on as a boolean, which no choice is.
+        hint = " (YAML reads an unquoted no/yes as a boolean: quote it)" if isinstance(value, bool) else ""
+        raise InputError(f"{action.dest}: {value!r} is not one of {', '.join(map(str, action.choices))}{hint}", path, line)
     return converted
 
 

@@ -50,7 +50,11 @@ def check_output_file(path: str | None, flag: str = "--output_file") -> None:
         raise InputError(f"{flag} is required")
     if os.path.isdir(path):
         raise InputError(f"{flag} is a folder, not a file", path)
-    check_output_dir(os.path.dirname(os.path.abspath(path)) or ".", flag)
+    existing = _nearest_existing(os.path.dirname(os.path.abspath(path)))
+    if not os.path.isdir(existing):
+        raise InputError(f"{flag} cannot be created: {existing} is a file", path)
+    if not os.access(existing, os.W_OK):
+        raise InputError(f"{flag} is not writable", path)
 
 
 @contextlib.contextmanager
