@@ -76,13 +76,13 @@ def test_text_formats_txt_jsonl_and_json_array(tmp_path):
     (tmp_path / "a.txt").write_text("first line\n\nsecond line\n", encoding="utf-8")
     write_lines(tmp_path / "b.jsonl", [{"text": "third"}])
     (tmp_path / "sub").mkdir()
-    (tmp_path / "sub" / "c.json").write_text(json.dumps([{"text": "fourth"}, {"text": "fifth"}]), encoding="utf-8")
+    (tmp_path / "sub" / "c.json").write_text(json.dumps([{"text": "fourth"}, {"text": "fifth"}], indent=1), encoding="utf-8")
     (tmp_path / "ignored.csv").write_text("x\n", encoding="utf-8")
     report = DataReport("train")
     records = load_records(str(tmp_path), "text", report, skip_invalid=False)
     assert [r["text"] for r in records] == ["first line", "second line", "third", "fourth", "fifth"]
     assert records[1]["source"].endswith("a.txt:3")
-    assert records[4]["source"].endswith("c.json:record 2")
+    assert records[3]["source"].endswith("c.json:2") and records[4]["source"].endswith("c.json:5")  # where each record starts
     assert report.read == 5
 
 
@@ -179,6 +179,34 @@ def test_load_records_raises_input_error_with_location(tmp_path):
     assert str(error.value).startswith(f"{path}:2: expected a plain text line")
 
 
+def test_byte_order_mark_and_crlf_line_ends_are_not_text(tmp_path):
+    (tmp_path / "notes.txt").write_bytes(b"\xef\xbb\xbfFever is a symptom.\r\nCough too.\r\n")
+    (tmp_path / "rows.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "Headache."}\r\n')
+    records = load_records(str(tmp_path), "text", DataReport("train"), skip_invalid=False)
+    assert [r["text"] for r in records] == ["Fever is a symptom.", "Cough too.", "Headache."]
+
+
+def test_invalid_utf8_is_located_and_can_be_skipped_in_every_format(tmp_path):
+    bad = b"caf\xe9"
+    (tmp_path / "a.txt").write_bytes(b"good\n" + bad + b"\ngood\n")
+    (tmp_path / "b.json").write_bytes(b'[{"text": "good"},\n {"text": "' + bad + b'"},\n {"text": "good"}]')
+    (tmp_path / "c.jsonl").write_bytes(b'{"text": "good"}\n{"text": "' + bad + b'"}\n')
+    for name in ("a.txt", "b.json", "c.jsonl"):
+        with pytest.raises(InputError, match=f"^{tmp_path / name}:2: not valid UTF-8 text"):
+            load_records(str(tmp_path / name), "text", DataReport("train"), skip_invalid=False)
+    report = DataReport("train")
+    records = load_records(str(tmp_path), "text", report, skip_invalid=True)
+    assert [r["text"] for r in records] == ["good"] * 5
+    assert report.rejected["invalid UTF-8"] == 3
+
+
+def test_preference_pair_with_the_same_answer_twice_is_rejected():
+    from medgpt.data import RecordError, record_to_preference
+
+    with pytest.raises(RecordError, match="chosen and rejected are the same answer"):
+        record_to_preference({"prompt": "Q?", "chosen": "Rest.", "rejected": " Rest. "})
+
+
 def test_validation_split_percentage_and_sample_caps(tmp_path):
     from medgpt.arguments import DataArguments
     from medgpt.data import load_splits
@@ -189,5 +217,7 @@ def test_validation_split_percentage_and_sample_caps(tmp_path):
     assert (len(train), len(evaluation)) == (36, 4)
     assert not {r["source"] for r in train} & {r["source"] for r in evaluation}
     assert (train_report.read, eval_report.read) == (36, 4)
-    train, evaluation, _, _ = load_splits(DataArguments(train_file_dir=path, max_train_samples=5), "conversation")
+    train, evaluation, train_report, _ = load_splits(DataArguments(train_file_dir=path, max_train_samples=5), "conversation")
     assert (len(train), len(evaluation)) == (5, 0)
+    train_report.kept = len(train)
+    assert train_report.summary() == "train: read 40 records, kept 5, truncated 0, rejected 0, left out 35 (over --max_train_samples)"

@@ -175,6 +175,48 @@ def test_merged_model_matches_base_plus_adapter(tiny_model_dir, random_adapter, 
     assert os.path.getmtime(out / "model.safetensors") == stamp
 
 
+def test_merge_over_an_adapter_folder_replaces_the_adapter_and_keeps_other_files(tiny_model_dir, random_adapter, tmp_path):
+    """Merging into a folder that holds an older adapter: adapter files left beside the merged weights would
+    be loaded instead of them."""
+    import shutil
+
+    from peft import PeftModel
+    from safetensors.torch import save_file
+
+    out = tmp_path / "sft"
+    shutil.copytree(random_adapter, out)
+    old = {name: 3 * tensor for name, tensor in load_file(out / "adapter_model.safetensors").items()}
+    save_file(old, out / "adapter_model.safetensors")  # an older, different adapter
+    (out / "notes.txt").write_text("my notes", encoding="utf-8")
+    result = run_script("merge_peft_adapter.py", "--base_model", tiny_model_dir, "--lora_model", random_adapter,
+                        "--output_dir", str(out), "--overwrite", "True")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not any(name.startswith("adapter_") for name in os.listdir(out)), os.listdir(out)
+    assert (out / "notes.txt").read_text(encoding="utf-8") == "my notes"
+    assert not [name for name in os.listdir(tmp_path) if name.startswith(".")], "the staging folder is left behind"
+    ids = torch.randint(10, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), random_adapter)(ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)(ids).logits
+    torch.testing.assert_close(merged, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_sft_on_real_records_longer_than_the_limit_trains_and_counts_them(tiny_model_dir, tmp_path):
+    """The first 40 records of MedicalGPT's SFT file at a 128-token limit: many prompts alone are longer."""
+    data = tmp_path / "first40.jsonl"
+    with open(os.path.join(FIXTURES, "sft", "medical_sft_1K_format.jsonl"), encoding="utf-8") as handle:
+        data.write_text("".join(next(handle) for _ in range(40)), encoding="utf-8")
+    result = run_script(
+        "supervised_finetuning.py", "--model_name_or_path", tiny_model_dir, "--template_name", "chatml",
+        "--train_file_dir", str(data), "--model_max_length", "128", "--use_peft", "True", *tiny_training_flags(tmp_path / "out"),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = next(line for line in result.stderr.splitlines() if "train: read 40 records" in line)
+    kept, truncated = (int(line.split(word)[1].split(",")[0]) for word in ("kept ", "truncated "))
+    assert kept == 40 and truncated > 0, line
+    assert all(0 < loss < 20 for loss in losses(tmp_path / "out"))
+
+
 def test_batch_inference_keeps_order_and_matches_one_at_a_time(tiny_model_dir, random_adapter, tmp_path):
     from medgpt.generation import ChatModel, GenerationArguments, InferenceModelArguments
 
