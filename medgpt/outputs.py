@@ -67,11 +67,18 @@ def atomic_write(path: str, mode: str = "w", encoding: str | None = "utf-8"):
     try:
         with open(temporary, mode, encoding=encoding if "b" not in mode else None) as stream:
             yield stream
+        os.chmod(temporary, 0o666 & ~current_umask())  # mkstemp makes it private; results are ordinary files
         os.replace(temporary, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.remove(temporary)
         raise
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: str, text: str) -> None:

@@ -1,38 +1,65 @@
 """PPO for language models (clipped policy and value losses, GAE, per-token KL penalty to a reference).
 
-TRL removed its PPOTrainer, so it lives here, kept to what PPO needs. One iteration:
-  1. rollout: sample answers to a batch of prompts (left-padded) from the policy;
+TRL removed its PPOTrainer, so it lives here, kept to what PPO needs. One iteration (one "step"):
+  1. rollout: each process samples answers to its share of a batch of prompts (left-padded);
   2. score them with the reward functions; per-token reward = -kl_coef * (log p_policy - log p_ref),
      plus the score on each answer's last token;
-  3. GAE advantages (whitened) and returns from the value head's estimates;
-  4. several epochs of minibatch updates of the clipped policy loss + vf_coef * clipped value loss.
+  3. GAE advantages (whitened over all processes' answers) and returns from the value head's estimates;
+  4. `ppo_epochs` passes of micro-batch updates of the clipped policy loss + vf_coef * clipped value loss,
+     `gradient_accumulation_steps` micro-batches per optimizer step, gradients averaged across processes.
 The value head is a linear layer on the policy's last hidden state. With LoRA the reference is the same
 weights with the trained adapter switched off (no second model in memory).
+
+The options are `transformers.TrainingArguments` (learning rate, schedule, warmup, checkpoints, resume,
+logging, seed, bf16) plus PPO's own. Runs are repeatable by construction, so a resumed run ends where an
+uninterrupted one does: the prompt order of epoch e comes from a generator seeded with (seed, e), the
+prompts of iteration k are computed from k, sampling is seeded with (seed, k, process), the micro-batch
+shuffles with (seed, k); a checkpoint holds the weights, value head, optimizer, scheduler and step.
 """
 
 import contextlib
 import copy
+import glob
+import hashlib
+import json
 import logging
 import math
 import os
+import random
+import re
+import shutil
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from transformers import TrainingArguments
+
+from medgpt.arguments import at_least, require
+from medgpt.errors import InputError
+from medgpt.outputs import atomic_write_text, publish_model_folder, staging_folder
+from medgpt.rewards import RewardArguments
 
 logger = logging.getLogger(__name__)
 
+CHECKPOINT_FILES = ("trainer_state.json", "value_head.safetensors", "optimizer.pt", "scheduler.pt")
+
 
 @dataclass
-class PPOArguments:
-    output_dir: str = field(default="outputs/ppo", metadata={"help": "Where the policy (and value head) are saved."})
-    learning_rate: float = field(default=1e-5, metadata={"help": "AdamW learning rate for the policy and value head."})
-    max_steps: int = field(default=-1, metadata={"help": "PPO iterations (rollout + updates); -1: one pass over the prompts per epoch."})
+class PPOArguments(TrainingArguments):
+    """TrainingArguments, with PPO's defaults and knobs. A step is one PPO iteration (rollout + updates)."""
+
+    output_dir: str | None = field(default="outputs/ppo", metadata={"help": "Where the policy, value head, logs and checkpoints go."})
+    learning_rate: float = field(default=1e-5, metadata={"help": "Peak learning rate for the policy and value head."})
     num_train_epochs: float = field(default=1.0, metadata={"help": "Passes over the prompts when --max_steps is -1."})
-    rollout_batch_size: int = field(default=8, metadata={"help": "Prompts answered per iteration."})
-    mini_batch_size: int = field(default=4, metadata={"help": "Answers per gradient step within an iteration."})
+    logging_steps: float = field(default=1, metadata={"help": "Log every N iterations (statistics averaged over them)."})
+    per_device_train_batch_size: int = field(
+        default=4, metadata={"help": "Answers per forward/backward micro-batch (of each process's rollout)."}
+    )
+    rollout_batch_size: int = field(default=8, metadata={"help": "Prompts each process answers per iteration."})
     ppo_epochs: int = field(default=4, metadata={"help": "Passes over each rollout batch."})
     max_new_tokens: int = field(default=64, metadata={"help": "Longest sampled answer."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (log-probabilities use the same)."})
@@ -45,12 +72,101 @@ class PPOArguments:
     missing_eos_penalty: float | None = field(
         default=None, metadata={"help": "Subtract this from the score of answers cut off before their end-of-turn."}
     )
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
-    seed: int = field(default=42, metadata={"help": "Random seed (prompt order and sampling)."})
-    logging_steps: int = field(default=1, metadata={"help": "Log every N iterations."})
-    report_to: str = field(default="tensorboard", metadata={"help": "tensorboard or none."})
-    bf16: bool = field(default=False, metadata={"help": "bf16 autocast for forward passes (GPU, or CPUs with bf16)."})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations to save memory."})
+
+    def __post_init__(self):
+        for name in ("rollout_batch_size", "ppo_epochs", "max_new_tokens"):
+            at_least(self, name, 1)
+        require(self.temperature > 0, "temperature", "must be positive", self.temperature)
+        require(0 <= self.gamma <= 1, "gamma", "must be in [0, 1]", self.gamma)
+        require(0 <= self.lam <= 1, "lam", "must be in [0, 1]", self.lam)
+        require(self.cliprange > 0, "cliprange", "must be positive", self.cliprange)
+        require(self.cliprange_value > 0, "cliprange_value", "must be positive", self.cliprange_value)
+        at_least(self, "kl_coef", 0)
+        at_least(self, "vf_coef", 0)
+        super().__post_init__()
+        # Options of TrainingArguments this loop does not implement: refused, not silently ignored.
+        unsupported = {
+            "eval_strategy": self.eval_strategy != "no",
+            "load_best_model_at_end": self.load_best_model_at_end,
+            "deepspeed": bool(self.deepspeed),
+            "fsdp": bool(self.fsdp),
+            "torch_compile": self.torch_compile,
+            "push_to_hub": self.push_to_hub,
+        }
+        for name, used in unsupported.items():
+            if used:
+                raise InputError(f"--{name} is not supported by ppo_training.py")
+        if self.save_strategy == "best":
+            raise InputError("--save_strategy best is not supported by ppo_training.py (no evaluation): use steps, epoch or no")
+        if self.resume_from_checkpoint is not None:
+            self.resume_from_checkpoint = resolve_checkpoint(self.resume_from_checkpoint, self.output_dir)
+
+
+@dataclass
+class PPORewardArguments(RewardArguments):
+    """PPO scores answers with the reward model unless told otherwise."""
+
+    reward_funcs: str = field(
+        default="model",
+        metadata={
+            "help": "Comma list of rewards: model (default: the --reward_model_path model), accuracy, format, "
+            "length, or module:function / file.py:function for your own."
+        },
+    )
+
+    def __post_init__(self):
+        names = [name.strip() for name in self.reward_funcs.split(",")]
+        if "model" in names and not self.reward_model_path:
+            raise InputError("--reward_funcs model needs --reward_model_path")
+
+
+def checkpoint_step(path: str) -> int | None:
+    found = re.fullmatch(r"checkpoint-(\d+)", os.path.basename(os.path.normpath(path)))
+    return int(found.group(1)) if found else None
+
+
+def list_checkpoints(output_dir: str) -> list[str]:
+    """The checkpoint-N folders in output_dir, oldest (smallest N) first."""
+    folders = [p for p in glob.glob(os.path.join(output_dir, "checkpoint-*")) if os.path.isdir(p) and checkpoint_step(p) is not None]
+    return sorted(folders, key=checkpoint_step)
+
+
+def resolve_checkpoint(value: str, output_dir: str) -> str:
+    """--resume_from_checkpoint: a checkpoint folder, or True/last for the newest one in output_dir."""
+    if str(value).lower() in ("true", "last"):
+        found = [p for p in list_checkpoints(output_dir) if is_checkpoint(p)]
+        if not found:
+            raise InputError("no checkpoint-N folder to resume from", output_dir)
+        return found[-1]
+    if not os.path.isdir(value):
+        raise InputError("checkpoint folder not found", value)
+    if not is_checkpoint(value):
+        missing = [name for name in CHECKPOINT_FILES if not os.path.isfile(os.path.join(value, name))]
+        raise InputError(f"not a PPO checkpoint (no {', '.join(missing)}): give a checkpoint-N folder of an earlier run", value)
+    return value
+
+
+def is_checkpoint(path: str) -> bool:
+    return all(os.path.isfile(os.path.join(path, name)) for name in CHECKPOINT_FILES)
+
+
+def derived_seed(*parts) -> int:
+    """A 63-bit seed that depends on every part (seed, purpose, step, process), the same in every run."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
+
+
+def rollout_prompt_indices(num_prompts: int, step: int, seed: int, per_process: int, rank: int = 0, world_size: int = 1) -> list[int]:
+    """The prompts process `rank` answers at iteration `step` (1-based), a function of the step alone.
+    Epoch e visits the prompts in an order drawn from (seed, e); each iteration takes the next global batch
+    (per_process x world_size prompts) of it, each process its own share. An epoch is the whole global
+    batches that fit; with fewer prompts than one global batch, the order is repeated to fill it."""
+    global_batch = per_process * world_size
+    iterations_per_epoch = max(1, num_prompts // global_batch)
+    epoch, position = divmod(step - 1, iterations_per_epoch)
+    generator = torch.Generator().manual_seed(derived_seed(seed, "epoch", epoch))
+    order = torch.randperm(num_prompts, generator=generator).tolist()
+    start = position * global_batch + rank * per_process
+    return [order[(start + i) % num_prompts] for i in range(per_process)]
 
 
 # ---- the maths, kept free of models so it can be checked by hand ----
@@ -166,37 +282,87 @@ def forward_answers(model, sequences, attention_mask, prompt_length, temperature
     return logprobs, values, logits
 
 
+class PolicyAndValue(nn.Module):
+    """The policy and its value head as one module, so one DistributedDataParallel wrapper averages the
+    gradients of both."""
+
+    def __init__(self, policy, value_head: ValueHead):
+        super().__init__()
+        self.policy, self.value_head = policy, value_head
+
+    def forward(self, sequences, attention_mask, prompt_length: int, temperature: float):
+        return forward_answers(self.policy, sequences, attention_mask, prompt_length, temperature, self.value_head)
+
+
 class PPOTrainerLite:
-    """A PPO loop over a policy (causal LM, LoRA-wrapped or full) and a list of reward functions."""
+    """A PPO loop over a policy (causal LM, LoRA-wrapped or full) and a list of reward functions, on one
+    process or several (torchrun: each process answers its own prompts, gradients are averaged)."""
 
     def __init__(self, args: PPOArguments, policy, tokenizer, chat_format, prompts: list[dict], reward_functions, reward_weights):
+        from transformers import Trainer, get_scheduler
+
         self.args = args
         self.policy = policy
         self.tokenizer = tokenizer
         self.chat_format = chat_format
         self.prompts = prompts
         self.reward_functions, self.reward_weights = reward_functions, reward_weights
+        self.rank, self.world_size = args.process_index, args.world_size
+        self.is_main = self.rank == 0
         self.device = next(policy.parameters()).device
         self.stop_ids = chat_format.stop_token_ids()
         if not self.stop_ids:
             raise ValueError("the tokenizer has no end-of-turn token to stop answers at")
+        if not prompts:
+            raise InputError("no prompts to train on")
         config = policy.config if hasattr(policy, "config") else policy.base_model.config
         self.value_head = ValueHead(config.hidden_size).to(self.device)
-        is_peft = hasattr(policy, "peft_config")
+        self.is_peft = hasattr(policy, "peft_config")
         self.frozen_reference = None
-        if not is_peft:
+        if not self.is_peft:
             self.frozen_reference = copy.deepcopy(policy).eval().requires_grad_(False)
         elif self._continued_adapter():
             self._add_reference_adapter()
-        params = [p for p in policy.parameters() if p.requires_grad] + list(self.value_head.parameters())
-        self.optimizer = torch.optim.AdamW(params, lr=args.learning_rate)
-        self.generator = torch.Generator().manual_seed(args.seed)
+
+        self.model = PolicyAndValue(policy, self.value_head)
+        self.training_model = self.model
+        if self.world_size > 1:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.training_model = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=device_ids, forward_sync_buffers=False,  # buffers (rotary tables) never change
+                find_unused_parameters=bool(args.ddp_find_unused_parameters),
+            )
+
+        self.iterations_per_epoch = max(1, len(prompts) // self.global_batch_size)
+        self.total_steps = args.max_steps if args.max_steps > 0 else max(1, math.ceil(args.num_train_epochs * self.iterations_per_epoch))
+        micro_batches = math.ceil(args.rollout_batch_size / args.per_device_train_batch_size)
+        self.optimizer_steps_per_iteration = args.ppo_epochs * math.ceil(micro_batches / args.gradient_accumulation_steps)
+        # --optim and its settings as the Trainer reads them; no weight decay on biases and norms, as there
+        trainable = [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
+        no_decay = lambda name: "bias" in name or "norm" in name.lower()  # noqa: E731
+        optimizer_class, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
+        self.optimizer = optimizer_class([
+            {"params": [p for name, p in trainable if not no_decay(name)], "weight_decay": args.weight_decay},
+            {"params": [p for name, p in trainable if no_decay(name)], "weight_decay": 0.0},
+        ], **optimizer_kwargs)
+        schedule_length = self.total_steps * self.optimizer_steps_per_iteration
+        self.scheduler = get_scheduler(
+            args.lr_scheduler_type, self.optimizer, num_warmup_steps=args.get_warmup_steps(schedule_length),
+            num_training_steps=schedule_length, scheduler_specific_kwargs=args.lr_scheduler_kwargs or None,
+        )
+        self.global_step = 0
+        self.history: list[dict] = []  # the logged records: ppo_log.jsonl and trainer_state.json's log_history
+        self.unlogged: list[dict] = []  # statistics of the iterations since the last log
+        self.seconds_before = 0.0  # training time of the run this one resumes
         self.writer = None
-        if "tensorboard" in args.report_to:
+        if self.is_main and "tensorboard" in args.report_to:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(os.path.join(args.output_dir, "runs"))
-        self.history: list[dict] = []
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.args.rollout_batch_size * self.world_size
 
     def _continued_adapter(self) -> bool:
         # A fresh LoRA adapter starts at zero, so "adapter off" is the starting policy; a continued one
@@ -218,25 +384,21 @@ class PPOTrainerLite:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
-    def total_steps(self) -> int:
-        if self.args.max_steps > 0:
-            return self.args.max_steps
-        return max(1, math.ceil(len(self.prompts) * self.args.num_train_epochs / self.args.rollout_batch_size))
+    # ---- what each iteration works on: a function of the step alone ----
 
-    def prompt_batches(self):
-        while True:
-            order = torch.randperm(len(self.prompts), generator=self.generator).tolist()
-            for start in range(0, len(order) - self.args.rollout_batch_size + 1, self.args.rollout_batch_size):
-                yield [self.prompts[i] for i in order[start : start + self.args.rollout_batch_size]]
-            if len(order) < self.args.rollout_batch_size:
-                yield [self.prompts[i] for i in order]
+    def prompt_batch(self, step: int) -> list[dict]:
+        indices = rollout_prompt_indices(
+            len(self.prompts), step, self.args.seed, self.args.rollout_batch_size, self.rank, self.world_size
+        )
+        return [self.prompts[i] for i in indices]
 
     @torch.no_grad()
-    def rollout(self, batch: list[dict]) -> dict:
+    def rollout(self, batch: list[dict], step: int) -> dict:
         texts = [self.chat_format.render(record["prompt"], add_generation_prompt=True) for record in batch]
         encoded = self.tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False).to(self.device)
         prompt_length = encoded["input_ids"].shape[1]
         self.policy.eval()
+        torch.manual_seed(derived_seed(self.args.seed, "sample", step, self.rank))
         with self.autocast():
             sequences = self.policy.generate(
                 # Plain sampling at the temperature the log-probabilities use: a model's own generation
@@ -262,93 +424,273 @@ class PPOTrainerLite:
         scores = scores.to(self.device)
         rewards, kl = token_rewards(scores, logprobs, ref_logprobs, mask, self.args.kl_coef)
         advantages, returns = gae_advantages(rewards, values, mask, self.args.gamma, self.args.lam)
-        advantages = masked_whiten(advantages, mask)
+        advantages = self.whiten(advantages, mask)
         return {
             "sequences": sequences, "attention_mask": attention_mask, "prompt_length": prompt_length, "mask": mask,
             "logprobs": logprobs, "values": values * mask, "advantages": advantages, "returns": returns,
             "scores": scores, "kl": kl, "answers": answers, "reward_means": reward_means, "ended": ended,
         }
 
+    def whiten(self, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """masked_whiten over the answers of every process: the global batch is one batch."""
+        if self.world_size == 1:
+            return masked_whiten(values, mask)
+        sums = torch.stack([(values * mask).sum(), mask.sum()]).double()
+        dist.all_reduce(sums)
+        mean = (sums[0] / sums[1].clamp(min=1)).to(values.dtype)
+        squares = torch.stack([((values - mean) ** 2 * mask).sum(), mask.sum()]).double()
+        dist.all_reduce(squares)
+        variance = (squares[0] / squares[1].clamp(min=1)).to(values.dtype)
+        return (values - mean) * torch.rsqrt(variance + 1e-8) * mask
+
     def _score(self, prompts, answers, columns):
         from medgpt.rewards import combined_rewards
 
         return combined_rewards(self.reward_functions, self.reward_weights, prompts, answers, columns)
 
-    def update(self, rollout: dict) -> dict:
-        self.policy.train()
-        for module in self.policy.modules():  # dropout would make the old and new log-probabilities disagree
+    def update(self, rollout: dict, step: int) -> dict:
+        args = self.args
+        self.model.train()
+        for module in self.model.modules():  # dropout would make the old and new log-probabilities disagree
             if isinstance(module, nn.Dropout):
                 module.eval()
         size = rollout["sequences"].shape[0]
+        generator = torch.Generator().manual_seed(derived_seed(args.seed, "shuffle", step))
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
         totals: dict[str, list[float]] = {}
-        for _ in range(self.args.ppo_epochs):
-            order = torch.randperm(size, generator=self.generator)
-            for start in range(0, size, self.args.mini_batch_size):
-                index = order[start : start + self.args.mini_batch_size].to(self.device)
-                with self.autocast():
-                    logprobs, values, logits = forward_answers(
-                        self.policy, rollout["sequences"][index], rollout["attention_mask"][index],
-                        rollout["prompt_length"], self.args.temperature, self.value_head,
-                    )
-                mask = rollout["mask"][index]
-                policy_loss, value_loss, stats = ppo_losses(
-                    logprobs, rollout["logprobs"][index], rollout["advantages"][index], values,
-                    rollout["values"][index], rollout["returns"][index], mask,
-                    self.args.cliprange, self.args.cliprange_value,
-                )
-                loss = policy_loss + self.args.vf_coef * value_loss
-                self.optimizer.zero_grad()
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(
-                    [p for group in self.optimizer.param_groups for p in group["params"]], self.args.max_grad_norm
-                )
+        for _ in range(args.ppo_epochs):
+            order = torch.randperm(size, generator=generator)
+            micro_batches = list(torch.split(order, args.per_device_train_batch_size))
+            for first in range(0, len(micro_batches), args.gradient_accumulation_steps):
+                group = micro_batches[first : first + args.gradient_accumulation_steps]
+                for position, index in enumerate(group):
+                    index = index.to(self.device)
+                    last = position == len(group) - 1
+                    # Gradients are averaged across processes once per optimizer step, on its last micro-batch.
+                    no_sync = self.training_model.no_sync() if self.world_size > 1 and not last else contextlib.nullcontext()
+                    with no_sync:
+                        with self.autocast():
+                            logprobs, values, logits = self.training_model(
+                                rollout["sequences"][index], rollout["attention_mask"][index],
+                                rollout["prompt_length"], args.temperature,
+                            )
+                        mask = rollout["mask"][index]
+                        policy_loss, value_loss, stats = ppo_losses(
+                            logprobs, rollout["logprobs"][index], rollout["advantages"][index], values,
+                            rollout["values"][index], rollout["returns"][index], mask, args.cliprange, args.cliprange_value,
+                        )
+                        ((policy_loss + args.vf_coef * value_loss) / len(group)).backward()
+                    with torch.no_grad():
+                        entropy = masked_mean(-(F.softmax(logits, -1) * F.log_softmax(logits, -1)).sum(-1), mask).item()
+                    for key, value in dict(stats, policy_loss=policy_loss.item(), value_loss=value_loss.item(), entropy=entropy).items():
+                        totals.setdefault(key, []).append(value)
+                torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
                 self.optimizer.step()
-                with torch.no_grad():
-                    entropy = masked_mean(-(F.softmax(logits, -1) * F.log_softmax(logits, -1)).sum(-1), mask).item()
-                for key, value in dict(stats, policy_loss=policy_loss.item(), value_loss=value_loss.item(), entropy=entropy).items():
-                    totals.setdefault(key, []).append(value)
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
         return {key: sum(values) / len(values) for key, values in totals.items()}
 
-    def train(self) -> list[dict]:
-        steps = self.total_steps()
-        batches = self.prompt_batches()
-        logger.info("PPO: %d iterations of %d prompts, %d epochs each", steps, self.args.rollout_batch_size, self.args.ppo_epochs)
+    # ---- the loop ----
+
+    def train(self, resume_from_checkpoint: str | None = None) -> list[dict]:
+        args = self.args
+        if resume_from_checkpoint:
+            self.load_checkpoint(resume_from_checkpoint)
+        logger.info("training on %d process(es), %s", self.world_size, self.device)
+        logger.info(
+            "PPO: iterations %d-%d of %d prompts (%d per process x %d process(es)), %d epochs of micro-batches of %d, "
+            "%d optimizer step(s) per iteration", self.global_step + 1, self.total_steps, self.global_batch_size,
+            args.rollout_batch_size, self.world_size, args.ppo_epochs, args.per_device_train_batch_size,
+            self.optimizer_steps_per_iteration,
+        )
+        log_every = self._interval(args.logging_strategy, args.logging_steps)
+        save_every = self._interval(args.save_strategy, args.save_steps)
         started = time.time()
         answer_tokens = 0
-        for step in range(1, steps + 1):
-            rollout = self.rollout(next(batches))
-            stats = self.update(rollout)
-            answer_tokens += int(rollout["mask"].sum().item())
-            record = {
-                "step": step,
+        for step in range(self.global_step + 1, self.total_steps + 1):
+            rollout = self.rollout(self.prompt_batch(step), step)
+            stats = self.update(rollout, step)
+            answer_tokens += int(rollout["mask"].sum().item()) * self.world_size
+            self.unlogged.append(self.average_across_processes({
                 "reward": rollout["scores"].mean().item(),
                 "kl": rollout["kl"].sum(dim=1).mean().item(),
                 "answer_length": rollout["mask"].sum(dim=1).mean().item(),
                 "ended_fraction": rollout["ended"].float().mean().item(),
                 **{f"reward/{name}": value for name, value in rollout["reward_means"].items()},
                 **stats,
-                "seconds": round(time.time() - started, 1),
-            }
-            self.history.append(record)
-            if step % self.args.logging_steps == 0 or step == steps:
-                logger.info("step %d/%d " + " ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "step"), step, steps)
-                if self.writer is not None:
-                    for key, value in record.items():
-                        if key != "step":
-                            self.writer.add_scalar(f"ppo/{key}", value, step)
+            }))
+            self.global_step = step
+            if log_every and (step % log_every == 0 or step == self.total_steps):
+                self.log(self.unlogged, seconds=self.seconds_before + time.time() - started)
+                self.unlogged = []
+            if save_every and step % save_every == 0:
+                self.save_checkpoint(seconds=self.seconds_before + time.time() - started)
         elapsed = time.time() - started
-        logger.info("PPO done: %d iterations in %.0f s, %.1f answer tokens/s", steps, elapsed, answer_tokens / max(elapsed, 1e-9))
+        self.seconds_before += elapsed
+        logger.info("PPO done: %d iterations in %.0f s, %.1f answer tokens/s", self.total_steps, elapsed,
+                    answer_tokens / max(elapsed, 1e-9))
         if self.writer is not None:
             self.writer.close()
         return self.history
 
-    def save(self, output_dir: str) -> None:
+    def _interval(self, strategy, steps: float) -> int | None:
+        """Iterations between logs or checkpoints: --*_steps (a fraction of the run if below 1), or an epoch."""
+        if strategy == "no":
+            return None
+        if strategy == "epoch":
+            return self.iterations_per_epoch
+        return max(1, math.ceil(steps * self.total_steps) if steps < 1 else int(steps))
+
+    def average_across_processes(self, record: dict) -> dict:
+        if self.world_size == 1:
+            return record
+        keys = list(record)  # the same order in every process
+        values = torch.tensor([record[key] for key in keys], dtype=torch.float64, device=self.device)
+        dist.all_reduce(values)
+        return dict(zip(keys, (values / self.world_size).tolist()))
+
+    def log(self, records: list[dict], seconds: float) -> None:
+        """One record: the mean of each statistic over the iterations since the last log."""
+        record = {"step": self.global_step}
+        for key in records[0]:
+            record[key] = sum(r[key] for r in records) / len(records)
+        record["learning_rate"] = self.scheduler.get_last_lr()[0]
+        record["seconds"] = round(seconds, 1)
+        self.history.append(record)
+        if not self.is_main:
+            return
+        logger.info("step %d/%d " + " ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "step"), self.global_step, self.total_steps)
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step":
+                    self.writer.add_scalar(f"ppo/{key}", value, self.global_step)
+
+    # ---- saving and resuming ----
+
+    def trainer_state(self) -> dict:
+        args = self.args
+        return {
+            "global_step": self.global_step, "max_steps": self.total_steps,
+            "epoch": self.global_step / self.iterations_per_epoch, "num_train_epochs": args.num_train_epochs,
+            "logging_steps": args.logging_steps, "save_steps": args.save_steps,
+            "train_batch_size": args.per_device_train_batch_size, "rollout_batch_size": args.rollout_batch_size,
+            "world_size": self.world_size, "total_seconds": round(self.seconds_before, 1), "log_history": self.history,
+        }
+
+    def _save_weights(self, folder: str) -> None:
         from safetensors.torch import save_file
 
-        os.makedirs(output_dir, exist_ok=True)
-        if "ref" in getattr(self.policy, "peft_config", {}):
-            self.policy.delete_adapter("ref")
-        self.policy.save_pretrained(output_dir)
-        self.tokenizer.save_pretrained(output_dir)
-        save_file(self.value_head.state_dict(), os.path.join(output_dir, "value_head.safetensors"))
-        logger.info("policy, value head and tokenizer saved to %s", os.path.abspath(output_dir))
+        if self.is_peft:  # the trained adapter only, never the frozen "ref" copy
+            self.policy.save_pretrained(folder, selected_adapters=["default"])
+        else:
+            self.policy.save_pretrained(folder)
+        self.tokenizer.save_pretrained(folder)
+        save_file(self.value_head.state_dict(), os.path.join(folder, "value_head.safetensors"))
+
+    def _barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def save_checkpoint(self, seconds: float) -> None:
+        """OUTPUT_DIR/checkpoint-N: weights, value head, optimizer, scheduler, RNG states and trainer_state.json,
+        written into a temporary folder and renamed into place. Process 0 writes; the others wait."""
+        rng = {
+            "python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        }
+        states = [rng]
+        if self.world_size > 1:
+            states = [None] * self.world_size
+            dist.all_gather_object(states, rng)
+        if self.is_main:
+            target = os.path.join(self.args.output_dir, f"checkpoint-{self.global_step}")
+            with staging_folder(target) as staging:
+                self._save_weights(staging)
+                if not self.args.save_only_model:  # --save_only_model: smaller, but cannot be resumed
+                    torch.save(self.optimizer.state_dict(), os.path.join(staging, "optimizer.pt"))
+                    torch.save(self.scheduler.state_dict(), os.path.join(staging, "scheduler.pt"))
+                    for rank, state in enumerate(states):
+                        torch.save(state, os.path.join(staging, "rng_state.pth" if self.world_size == 1 else f"rng_state_{rank}.pth"))
+                state = dict(self.trainer_state(), total_seconds=round(seconds, 1), unlogged_iterations=self.unlogged)
+                atomic_write_text(os.path.join(staging, "trainer_state.json"), json.dumps(state, indent=2) + "\n")
+                if os.path.isdir(target):
+                    shutil.rmtree(target)
+                os.replace(staging, target)
+                os.makedirs(staging)  # staging_folder removes it afterwards
+            logger.info("checkpoint saved to %s", target)
+            self._rotate_checkpoints()
+        self._barrier()
+
+    def _rotate_checkpoints(self) -> None:
+        limit = self.args.save_total_limit
+        if not limit or limit < 1:
+            return
+        for old in list_checkpoints(self.args.output_dir)[:-limit]:
+            shutil.rmtree(old, ignore_errors=True)
+            logger.info("deleted the older checkpoint %s (--save_total_limit %d)", old, limit)
+
+    def load_checkpoint(self, folder: str) -> None:
+        """Restore the state written by save_checkpoint. The reference was rebuilt from the starting model
+        (the same flags as the first run); the checkpoint's trained weights go into the policy."""
+        from safetensors.torch import load_file
+
+        with open(os.path.join(folder, "trainer_state.json"), encoding="utf-8") as handle:
+            state = json.load(handle)
+        adapter = os.path.join(folder, "adapter_model.safetensors")
+        if self.is_peft != os.path.isfile(adapter):
+            held = "a LoRA adapter" if os.path.isfile(adapter) else "full weights"
+            trained = "a LoRA adapter" if self.is_peft else "full weights"
+            raise InputError(f"the checkpoint holds {held}, this run trains {trained}: resume with the first run's flags", folder)
+        if self.is_peft:
+            from peft import set_peft_model_state_dict
+
+            result = set_peft_model_state_dict(self.policy, load_file(adapter, device=str(self.device)), adapter_name="default")
+            unexpected = list(result.unexpected_keys)
+        else:
+            weights = {}
+            for path in sorted(glob.glob(os.path.join(folder, "*.safetensors"))):
+                if os.path.basename(path) != "value_head.safetensors":
+                    weights.update(load_file(path, device=str(self.device)))
+            result = self.policy.load_state_dict(weights, strict=False)
+            unexpected = list(result.unexpected_keys)
+            missing = sorted(name for name in result.missing_keys if "lm_head" not in name and "embed" not in name)  # tied
+            if missing:
+                raise InputError(f"the checkpoint lacks weights of this model (e.g. {missing[0]})", folder)
+        if unexpected:
+            raise InputError(f"the checkpoint's weights do not fit this model (e.g. {unexpected[0]})", folder)
+        self.value_head.load_state_dict(load_file(os.path.join(folder, "value_head.safetensors"), device=str(self.device)))
+        self.optimizer.load_state_dict(torch.load(os.path.join(folder, "optimizer.pt"), map_location=self.device, weights_only=True))
+        self.scheduler.load_state_dict(torch.load(os.path.join(folder, "scheduler.pt"), weights_only=True))
+        rng_file = os.path.join(folder, "rng_state.pth" if self.world_size == 1 else f"rng_state_{self.rank}.pth")
+        if state.get("world_size", 1) != self.world_size:
+            logger.warning("the checkpoint was written by %s process(es), this run has %d: the prompts of the "
+                           "remaining iterations differ from the first run's", state.get("world_size"), self.world_size)
+        elif os.path.isfile(rng_file):
+            rng = torch.load(rng_file, weights_only=False)
+            random.setstate(rng["python"])
+            np.random.set_state(rng["numpy"])
+            torch.set_rng_state(rng["cpu"])
+            if rng["cuda"] is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+        self.global_step = int(state["global_step"])
+        self.history = list(state.get("log_history", []))
+        self.unlogged = list(state.get("unlogged_iterations", []))
+        self.seconds_before = float(state.get("total_seconds", 0.0))
+        if self.global_step >= self.total_steps:
+            logger.warning("the checkpoint is at iteration %d, --max_steps asks for %d: nothing left to train",
+                           self.global_step, self.total_steps)
+        logger.info("resumed from %s at iteration %d", folder, self.global_step)
+
+    def save_model(self, output_dir: str | None = None) -> None:
+        """The final policy, value head and tokenizer (written beside OUTPUT_DIR, then moved into it),
+        ppo_log.jsonl and trainer_state.json. Process 0 writes; the others wait."""
+        output_dir = output_dir or self.args.output_dir
+        if self.is_main:
+            with staging_folder(output_dir) as staging:
+                self._save_weights(staging)
+                publish_model_folder(staging, output_dir)
+            atomic_write_text(os.path.join(output_dir, "ppo_log.jsonl"), "".join(json.dumps(r) + "\n" for r in self.history))
+            atomic_write_text(os.path.join(output_dir, "trainer_state.json"), json.dumps(self.trainer_state(), indent=2) + "\n")
+            logger.info("policy, value head and tokenizer saved to %s (log: ppo_log.jsonl, trainer_state.json)",
+                        os.path.abspath(output_dir))
+        self._barrier()

@@ -102,7 +102,7 @@ def stage_runs(steps: int) -> list[dict]:
     output_dir = os.path.join(out, "ppo")
     wall, peak = run_measured([
         sys.executable, "ppo_training.py", *common, "--train_file_dir", "data/grpo", "--reward_funcs", "model",
-        "--reward_model_path", os.path.join(out, "reward"), "--rollout_batch_size", "8", "--mini_batch_size", "4",
+        "--reward_model_path", os.path.join(out, "reward"), "--rollout_batch_size", "8", "--per_device_train_batch_size", "4",
         "--ppo_epochs", "2", "--max_new_tokens", "64", "--max_steps", str(max(1, steps // 2)), "--report_to", "none",
         "--output_dir", output_dir,
     ])

@@ -114,7 +114,7 @@ def test_ppo_runs_against_the_reward_model_and_logs_its_diagnostics(tiny_model_d
     result = run_script(
         "ppo_training.py", "--model_name_or_path", tiny_model_dir, "--template_name", "chatml",
         "--train_file_dir", QUESTION_DATA[lora], "--reward_funcs", "model", "--reward_model_path", reward_model_dir,
-        "--output_dir", tmp_path, "--max_steps", "2", "--rollout_batch_size", "4", "--mini_batch_size", "2",
+        "--output_dir", tmp_path, "--max_steps", "2", "--rollout_batch_size", "4", "--per_device_train_batch_size", "2",
         "--ppo_epochs", "2", "--max_new_tokens", "8", "--learning_rate", "1e-3", "--report_to", "none",
         *mode_flags(lora),
     )
@@ -132,7 +132,7 @@ def test_ppo_with_a_4bit_base_qlora(tiny_model_dir, tmp_path):
     result = run_script(
         "ppo_training.py", "--model_name_or_path", tiny_model_dir, "--template_name", "chatml",
         "--train_file_dir", QUESTION_DATA[False], "--reward_funcs", TOY_REWARD, "--use_peft", "True", "--qlora", "True",
-        "--output_dir", tmp_path, "--max_steps", "3", "--rollout_batch_size", "4", "--mini_batch_size", "2",
+        "--output_dir", tmp_path, "--max_steps", "3", "--rollout_batch_size", "4", "--per_device_train_batch_size", "2",
         "--ppo_epochs", "1", "--max_new_tokens", "8", "--learning_rate", "1e-2", "--report_to", "none",
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -151,7 +151,7 @@ def test_ppo_continuing_an_adapter_keeps_that_adapter_as_its_reference(tiny_mode
     result = run_script(
         "ppo_training.py", "--model_name_or_path", tiny_model_dir, "--peft_path", tmp_path / "sft", "--use_peft", "True",
         "--template_name", "chatml", "--train_file_dir", QUESTION_DATA[False], "--reward_funcs", TOY_REWARD,
-        "--output_dir", tmp_path / "ppo", "--max_steps", "2", "--rollout_batch_size", "4", "--mini_batch_size", "2",
+        "--output_dir", tmp_path / "ppo", "--max_steps", "2", "--rollout_batch_size", "4", "--per_device_train_batch_size", "2",
         "--ppo_epochs", "1", "--max_new_tokens", "8", "--report_to", "none",
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -240,7 +240,8 @@ def test_ppo_raises_the_mean_reward_with_a_bounded_kl(small_vocab_model_dir, tmp
         "--train_file_dir", os.path.join(REPO, "data", "grpo"), "--reward_funcs", TOY_REWARD, "--reward_weights", "10",
         "--use_peft", "True", "--lora_rank", "16", "--lora_dropout", "0", "--learning_rate", "3e-3",
         "--kl_coef", "0.05", "--output_dir", tmp_path, "--max_steps", "40", "--rollout_batch_size", "16",
-        "--mini_batch_size", "8", "--ppo_epochs", "4", "--max_new_tokens", "12", "--report_to", "none",
+        "--per_device_train_batch_size", "8", "--ppo_epochs", "4", "--max_new_tokens", "12", "--report_to", "none",
+        "--lr_scheduler_type", "constant",  # a decaying rate would slow the climb this test measures
     )
     assert result.returncode == 0, result.stderr[-3000:]
     log = ppo_log(tmp_path)

@@ -62,8 +62,9 @@ SFT = ["supervised_finetuning.py", "--model_name_or_path", "{tiny}", "--template
 PT = ["pretraining.py", "--model_name_or_path", "{tiny}", "--train_file_dir", "{sft}", "--output_dir", "{out}"]
 DPO = ["dpo_training.py", "--model_name_or_path", "{tiny}", "--template_name", "chatml", "--train_file_dir", "{pairs}",
        "--max_steps", "1", "--report_to", "none", "--save_strategy", "no", "--output_dir", "{out}"]
-PPO = ["ppo_training.py", "--model_name_or_path", "{tiny}", "--template_name", "chatml", "--train_file_dir", "{questions}",
-       "--output_dir", "{out}"]
+PPO_DEFAULT_REWARD = ["ppo_training.py", "--model_name_or_path", "{tiny}", "--template_name", "chatml",
+                      "--train_file_dir", "{questions}", "--output_dir", "{out}"]
+PPO = PPO_DEFAULT_REWARD + ["--reward_funcs", "format"]
 INFER = ["inference.py", "--base_model", "{tiny}", "--template_name", "chatml", "--data_file", "{questions}"]
 MERGE = ["merge_peft_adapter.py", "--base_model", "{tiny}", "--lora_model", "{adapter}"]
 
@@ -121,7 +122,7 @@ CASES = [
      "train: read 40 records, kept 5, truncated 0, rejected 0, left out 35 (over --max_train_samples)"),
     ("chosen-equals-rejected", with_flag(DPO, "--train_file_dir", "{same_pair}"), 2,
      "{same_pair}:1: chosen and rejected are the same answer"),
-    ("ppo-default-reward-needs-the-reward-model", PPO, 2, "--reward_model_path"),
+    ("ppo-default-reward-needs-the-reward-model", PPO_DEFAULT_REWARD, 2, "--reward_funcs model needs --reward_model_path"),
 ]
 
 
