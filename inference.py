@@ -96,7 +96,11 @@ def main(argv=None):
     # Questions and the output location are checked before minutes of loading and generating, not after.
     queries = read_queries(inference_args.data_file) if inference_args.data_file else []
     if inference_args.output_file:
+        if inference_args.interactive:
+            raise InputError("--output_file goes with --data_file, not --interactive")
         check_output_file(inference_args.output_file)
+        if os.path.exists(inference_args.output_file) and os.path.samefile(inference_args.output_file, inference_args.data_file):
+            raise InputError("--output_file is the --data_file: the answers would replace the questions", inference_args.output_file)
     chat_model = ChatModel(model_args)
     if inference_args.interactive:
         chat_loop(chat_model, generation)

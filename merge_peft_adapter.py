@@ -13,7 +13,7 @@ import torch
 from medgpt.arguments import parse_args, setup_logging
 from medgpt.errors import InputError, exit_on_input_error
 from medgpt.modeling import adapter_base_model, check_adapter_path, check_model_path, hub_kwargs, resolve_dtype
-from medgpt.outputs import check_output_dir, publish_model_folder, staging_folder
+from medgpt.outputs import check_output_dir, publish_model_folder, same_folder, staging_folder
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +41,9 @@ def check_paths(args: MergeArguments) -> None:
         raise InputError("the adapter does not name its base model: pass --base_model", args.lora_model)
     check_model_path(args.base_model, "--base_model")
     check_output_dir(args.output_dir)
+    for flag, source in (("--lora_model", args.lora_model), ("--base_model", args.base_model)):
+        if same_folder(args.output_dir, source):
+            raise InputError(f"--output_dir is the {flag} folder, which the merge would destroy: write elsewhere", args.output_dir)
     if os.path.isdir(args.output_dir) and os.listdir(args.output_dir) and not args.overwrite:
         raise InputError("output folder is not empty: pass --overwrite True to replace its model files", args.output_dir)
 
@@ -68,13 +71,13 @@ def main(argv=None):
     has_tokenizer = os.path.isfile(os.path.join(args.lora_model, "tokenizer_config.json"))
     tokenizer_source = args.lora_model if has_tokenizer else args.base_model
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, **hub_kwargs(tokenizer_source, trust_remote_code=args.trust_remote_code))
-    # Written whole beside the output folder, then moved in: an interrupted merge leaves the old folder.
+    # Written whole into a staging folder, then moved into place: an interrupted merge never mixes models.
     with staging_folder(args.output_dir) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        stale = publish_model_folder(staging, args.output_dir)
-    if stale:
-        logger.info("removed the earlier model files %s from %s", ", ".join(sorted(stale)), args.output_dir)
+        earlier = publish_model_folder(staging, args.output_dir)
+    if earlier:
+        logger.info("removed the earlier model files %s from %s", ", ".join(earlier), args.output_dir)
     logger.info("merged %s + %s (%s) into %s", args.base_model, args.lora_model, save_dtype, os.path.abspath(args.output_dir))
 
 

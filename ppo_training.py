@@ -18,7 +18,7 @@ import torch
 from medgpt.arguments import DataArguments, LoraArguments, ModelArguments, parse_args, setup_logging
 from medgpt.chat import ChatFormat
 from medgpt.data import load_question_splits
-from medgpt.errors import exit_on_input_error
+from medgpt.errors import InputError, exit_on_input_error
 from medgpt.modeling import load_tokenizer, prepare_model
 from medgpt.ppo import PPOArguments, PPORewardArguments, PPOTrainerLite
 from medgpt.rewards import build_reward_functions
@@ -32,6 +32,8 @@ def main(argv=None):
     setup_logging(ppo_args)
     torch.manual_seed(ppo_args.seed)  # the same fresh adapter (and value head) in every process and run
 
+    if data_args.validation_file_dir or data_args.validation_split_percentage:
+        raise InputError("ppo_training.py does not evaluate: drop --validation_file_dir / --validation_split_percentage")
     tokenizer = load_tokenizer(model_args, padding_side="left")
     chat_format = ChatFormat.for_model(model_args.template_name, tokenizer)
     chat_format.install()

@@ -17,7 +17,7 @@ import yaml
 from transformers import HfArgumentParser
 
 from medgpt.errors import InputError
-from medgpt.outputs import check_output_dir
+from medgpt.outputs import check_output_dir, resolve_checkpoint, same_folder
 
 logger = logging.getLogger(__name__)
 
@@ -180,16 +180,22 @@ def typed_config_value(action, value, path: str, line=None):
     `max_steps: 1.5` is an error here, not a crash after the model has loaded."""
     if value is None or action.type is None:
         return value
-    if isinstance(value, (list, tuple)):
-        if action.nargs not in ("+", "*"):
-            return value  # options such as report_to take a list as their value
+    takes_list = action.nargs in ("+", "*")
+    kind = getattr(action.type, "__name__", "a valid value").replace("string_to_bool", "a boolean")
+    numeric = action.type in (int, float)
+    if isinstance(value, (list, tuple)) and takes_list:
         return [typed_config_value(action, item, path, line) for item in value]
-    if isinstance(value, dict):
-        return value
+    if isinstance(value, (list, tuple, dict)) or (isinstance(value, bool) and numeric):
+        if numeric or kind == "a boolean":
+            raise InputError(f"{action.dest}: expected {kind}, got {value!r}", path, line)
+        return value  # text options such as report_to or lr_scheduler_kwargs also take lists and mappings
+    if isinstance(value, bool) and action.type is str:
+        return value  # e.g. resume_from_checkpoint: true
+    if takes_list:
+        return [typed_config_value(action, value, path, line)]  # one value for a list option
     try:
         converted = action.type(value if isinstance(value, bool) else str(value))
     except (TypeError, ValueError, argparse.ArgumentTypeError):
-        kind = getattr(action.type, "__name__", "a valid value").replace("string_to_bool", "a boolean")
         raise InputError(f"{action.dest}: expected {kind}, got {value!r}", path, line) from None
     if action.choices is not None and converted not in action.choices:
         # YAML reads an unquoted no/yes/off/on as a boolean, which no choice is.
@@ -243,15 +249,30 @@ def parse_args(dataclass_types, argv: list[str] | None = None):
     except (ValueError, TypeError) as error:
         # Dataclass validation (e.g. TrainingArguments.__post_init__) rejects a combination of options.
         raise InputError(f"invalid options: {error}".splitlines()[0]) from None
+    check_outputs_apart_from_inputs(parsed)
     for args in parsed:
         check_common_ranges(args)
         if isinstance(getattr(args, "output_dir", None), str):
             check_output_dir(args.output_dir)
+            if hasattr(args, "resume_from_checkpoint"):
+                args.resume_from_checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
         # Count the tokens trained on (logged as num_input_tokens_seen); argparse cannot take this
         # string as a default for the field's bool-or-string type, hence here.
         if getattr(args, "include_num_input_tokens_seen", None) == "no":
             args.include_num_input_tokens_seen = "non_padding"
     return parsed
+
+
+# Folders a run reads from that its --output_dir must not be: writing the result there would replace them.
+INPUT_FOLDERS = ("model_name_or_path", "tokenizer_name_or_path", "reward_model_path", "base_model")
+
+
+def check_outputs_apart_from_inputs(parsed) -> None:
+    values = {name: getattr(args, name) for args in parsed for name in INPUT_FOLDERS + ("output_dir",) if hasattr(args, name)}
+    for name in INPUT_FOLDERS:
+        if same_folder(values.get("output_dir"), values.get(name)):
+            raise InputError(f"--output_dir is the --{name} folder, which the results would replace: write elsewhere",
+                             values["output_dir"])
 
 
 def require(condition: bool, flag: str, rule: str, value) -> None:

@@ -139,12 +139,22 @@ def read_json_array(path: str, content: str, bad_lines: set[int]):
             index = _skip_space(content, index + 1)
             continue
         if index < len(content) and content[index] == "]":
-            if _skip_space(content, index + 1) < len(content):
-                where = content.count("\n", 0, index) + 1
-                raise InputError("malformed JSON: text after the closing ']'", path, where)
+            after = _skip_space(content, index + 1)
+            if after < len(content):
+                raise InputError("malformed JSON: text after the closing ']'", path, content.count("\n", 0, after) + 1)
             return
         # Reported where the comma is missing: at the end of the record before it.
         raise InputError("malformed JSON: ',' or ']' missing after the record that ends here", path, last_line)
+
+
+def starts_json_lines(lines: list[str]) -> bool:
+    """Whether the first non-empty line is a JSON document by itself, as in JSON lines."""
+    first = next((line for line in lines if line.strip()), "")
+    try:
+        json.loads(first)
+    except json.JSONDecodeError:
+        return False
+    return True
 
 
 def read_raw_records(path: str):
@@ -166,10 +176,17 @@ def read_raw_records(path: str):
             return
         try:
             whole = json.loads(content)
-        except json.JSONDecodeError:
-            whole = None  # not one document: read it as JSON lines below
-        if whole is not None and not bad_lines:
-            yield content.count("\n", 0, _skip_space(content, 0)) + 1, whole
+        except json.JSONDecodeError as error:
+            if not starts_json_lines(lines):
+                # One document spread over several lines (not JSON lines): its own error, at its line.
+                first_bad = min(bad_lines, default=None)
+                if first_bad is not None and first_bad <= error.lineno:
+                    raise InputError("not valid UTF-8 text (save the file as UTF-8)", path, first_bad) from None
+                raise InputError(f"malformed JSON: {error.msg} at column {error.colno}", path, error.lineno) from None
+            whole = None  # JSON lines under a .json name: read line by line below
+        if whole is not None:
+            start = content.count("\n", 0, _skip_space(content, 0)) + 1
+            yield (min(bad_lines), invalid_utf8_error()) if bad_lines else (start, whole)
             return
     for number, line in enumerate(lines, start=1):
         if not line.strip():

@@ -48,7 +48,7 @@ def prepare_default_model(output_dir: str = DEFAULT_MODEL_DIR) -> str:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model = model.to(torch.bfloat16)
-    tmp_dir = output_dir + ".partial"
+    tmp_dir = os.path.normpath(output_dir) + ".partial"
     shutil.rmtree(tmp_dir, ignore_errors=True)  # what an interrupted conversion left
     model.save_pretrained(tmp_dir)
     tokenizer.save_pretrained(tmp_dir)

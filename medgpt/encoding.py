@@ -64,7 +64,10 @@ def shorten_prompt(messages: list[dict], chat_format, tokenizer, max_length: int
         candidate = candidate[1:]  # the system turn would crowd out the question
         overhead = prompt_length(candidate)
     if overhead >= budget:
-        raise PromptTooLong(f"the template and system turn alone take {overhead} of {max_length} tokens")
+        raise PromptTooLong(
+            f"the prompt without its question takes {overhead} tokens, more than the {budget} of {max_length} "
+            "left beside the answer"
+        )
     keep = budget - overhead
     while keep > 0:
         text = tokenizer.decode(content_ids[-keep:]).lstrip("\ufffd")  # no half character at the cut

@@ -27,7 +27,7 @@ def resolve_dtype(name: str) -> torch.dtype:
 
 
 def is_weight_file(name: str) -> bool:
-    return name.endswith((".safetensors", ".gguf")) or (name.startswith("pytorch_model") and name.endswith(".bin"))
+    return name.endswith(".safetensors") or (name.startswith("pytorch_model") and name.endswith(".bin"))
 
 
 def hub_downloads_allowed() -> bool:
@@ -203,15 +203,16 @@ def save_model_and_tokenizer(trainer, tokenizer, output_dir: str) -> None:
     staging = staging_path(output_dir)
     main_process = trainer.args.process_index == 0
     if main_process:
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)  # what an interrupted save left
     trainer.accelerator.wait_for_everyone()
     trainer.save_model(staging)  # every process: sharded (DeepSpeed/FSDP) weights are gathered here
+    trainer.accelerator.wait_for_everyone()  # every process has written before anything is moved
     if main_process:
         tokenizer.save_pretrained(staging)
-        stale = publish_model_folder(staging, output_dir)
+        earlier = publish_model_folder(staging, output_dir)
         shutil.rmtree(staging, ignore_errors=True)
-        if stale:
-            logger.info("removed the earlier model files %s from %s", ", ".join(sorted(stale)), output_dir)
+        if earlier:
+            logger.info("replaced the earlier model files %s in %s", ", ".join(earlier), output_dir)
         logger.info("model and tokenizer saved to %s", os.path.abspath(output_dir))
     trainer.accelerator.wait_for_everyone()
 

@@ -3,21 +3,33 @@ name and renamed into place, so an interrupted run leaves the old result or the 
 
 import contextlib
 import fnmatch
+import glob
+import logging
 import os
+import re
 import shutil
 import tempfile
 
 from medgpt.errors import InputError
 
-# Files that make a folder load as a model or as an adapter. A model written into a folder replaces all of
-# them: an adapter left beside merged weights would be loaded instead of them (and old shards beside new
-# ones would be mixed in).
-MODEL_FILE_PATTERNS = (
-    "config.json", "generation_config.json", "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin",
+logger = logging.getLogger(__name__)
+
+# Files that make a folder load as a model or as an adapter, with its tokenizer. A model written into a
+# folder replaces all of them: an adapter left beside merged weights would be loaded instead of them, old
+# shards beside new ones would be mixed in, an old chat template would be read with the new tokenizer.
+CONFIG_FILES = ("config.json", "adapter_config.json")
+MODEL_FILE_PATTERNS = CONFIG_FILES + (
+    "generation_config.json", "adapter_model.safetensors", "adapter_model.bin",
     "model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json",
-    "pytorch_model.bin", "pytorch_model-*-of-*.bin", "pytorch_model.bin.index.json",
-    "value_head.safetensors",
+    "pytorch_model.bin", "pytorch_model-*-of-*.bin", "pytorch_model.bin.index.json", "value_head.safetensors",
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
 )
+WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "adapter_model.bin")
+STAGING_NAME = ".partial"
+# Read once, while the process has one thread: os.umask can only be read by setting it.
+UMASK = os.umask(0o022)
+os.umask(UMASK)
 
 
 def is_model_file(name: str) -> bool:
@@ -44,6 +56,13 @@ def check_output_dir(path: str | None, flag: str = "--output_dir") -> None:
         raise InputError(f"{flag} is not writable", path)
 
 
+def same_folder(first: str | None, second: str | None) -> bool:
+    """Whether two paths name the same existing folder (through links and relative paths too)."""
+    if not first or not second or not (os.path.isdir(first) and os.path.isdir(second)):
+        return False
+    return os.path.samefile(first, second)
+
+
 def check_output_file(path: str | None, flag: str = "--output_file") -> None:
     """A file path that can be written: not a folder, its folder not a file."""
     if not path:
@@ -67,18 +86,12 @@ def atomic_write(path: str, mode: str = "w", encoding: str | None = "utf-8"):
     try:
         with open(temporary, mode, encoding=encoding if "b" not in mode else None) as stream:
             yield stream
-        os.chmod(temporary, 0o666 & ~current_umask())  # mkstemp makes it private; results are ordinary files
+        os.chmod(temporary, 0o666 & ~UMASK)  # mkstemp makes it private; results are ordinary files
         os.replace(temporary, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.remove(temporary)
         raise
-
-
-def current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def atomic_write_text(path: str, text: str) -> None:
@@ -87,44 +100,83 @@ def atomic_write_text(path: str, text: str) -> None:
 
 
 def staging_path(output_dir: str) -> str:
-    """A fixed temporary folder beside `output_dir` (same file system, so its files can be renamed into
-    place; the same name in every process of a distributed run)."""
-    absolute = os.path.abspath(output_dir)
-    return os.path.join(os.path.dirname(absolute), f".{os.path.basename(absolute)}.partial")
+    """A fixed temporary folder inside `output_dir`: on its file system (so files are renamed, not copied,
+    into place), in a folder already checked as writable, the same name in every process of a run."""
+    return os.path.join(output_dir, STAGING_NAME)
 
 
 @contextlib.contextmanager
 def staging_folder(output_dir: str):
-    """`staging_path(output_dir)`, emptied first and removed afterwards whatever happens."""
+    """`staging_path(output_dir)`, emptied first. Removed once the block succeeds; kept when it fails, so a
+    model that was written but could not be moved into place is not lost (the next save clears it)."""
     staging = staging_path(output_dir)
     shutil.rmtree(staging, ignore_errors=True)
     os.makedirs(staging)
     try:
         yield staging
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    except BaseException:
+        if os.path.isdir(staging) and os.listdir(staging):
+            logger.error("the new files are left in %s", staging)
+        raise
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def has_weights(folder: str) -> bool:
+    return any(glob.glob(os.path.join(folder, pattern)) for pattern in WEIGHT_PATTERNS)
 
 
 def publish_model_folder(staging: str, output_dir: str) -> list[str]:
     """Move a model written into `staging` into `output_dir`. Files of an earlier model or adapter there
-    (weights, shards, adapter files) that the new model does not have are removed; everything else of the
-    user's (logs, checkpoints, notes) stays. Returns the stale files removed.
+    (config, weights, shards, adapter and tokenizer files) are replaced or removed; everything else of the
+    user's (logs, checkpoints, notes) stays. Returns the earlier files removed.
 
-    The new model is complete in `staging` before anything in `output_dir` changes; a new folder is
-    renamed into place whole."""
-    if not os.path.exists(output_dir):
-        os.replace(staging, output_dir)
-        return []
+    The new model is complete in `staging` before anything in `output_dir` changes. The earlier config
+    files go first and the new ones come last, so a run stopped halfway leaves a folder that no loader
+    takes for a model (and the whole new model still in `staging`), never old and new weights mixed."""
+    if not has_weights(staging):
+        raise RuntimeError(f"no model weights were written into {staging}: {output_dir} is left as it was")
     new_files = set(os.listdir(staging))
-    stale = [name for name in os.listdir(output_dir) if is_model_file(name) and name not in new_files]
-    # Stale weights go first: were the run stopped midway, the folder would hold no model that loads,
-    # rather than an old adapter quietly shadowing the new weights.
-    for name in stale:
+    earlier = [name for name in os.listdir(output_dir) if is_model_file(name)]
+    for name in sorted(earlier, key=lambda n: n not in CONFIG_FILES):  # configs first
         os.remove(os.path.join(output_dir, name))
-    for name in sorted(new_files, key=lambda n: (n == "config.json" or n == "adapter_config.json")):
-        # config files last: a folder is recognized as a model by them, after its weights are in place
+    for name in sorted(new_files, key=lambda n: n in CONFIG_FILES):  # configs last
         target = os.path.join(output_dir, name)
         if os.path.isdir(target):
             shutil.rmtree(target)
         os.replace(os.path.join(staging, name), target)
-    return stale
+    return sorted(set(earlier) - new_files)
+
+
+# ---- training checkpoints ----
+
+
+def checkpoint_step(path: str) -> int | None:
+    found = re.fullmatch(r"checkpoint-(\d+)", os.path.basename(os.path.normpath(path)))
+    return int(found.group(1)) if found else None
+
+
+def list_checkpoints(output_dir: str) -> list[str]:
+    """The checkpoint-N folders in output_dir, oldest (smallest N) first."""
+    folders = [p for p in glob.glob(os.path.join(output_dir, "checkpoint-*")) if os.path.isdir(p) and checkpoint_step(p) is not None]
+    return sorted(folders, key=checkpoint_step)
+
+
+def is_trainer_checkpoint(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "trainer_state.json"))
+
+
+def resolve_checkpoint(value, output_dir: str, is_checkpoint=is_trainer_checkpoint) -> str | None:
+    """--resume_from_checkpoint: a checkpoint folder, True/last for the newest one in output_dir, or
+    False/none for none; checked before any work."""
+    if value is None or str(value).lower() in ("false", "none", ""):
+        return None
+    if str(value).lower() in ("true", "last"):
+        found = [p for p in list_checkpoints(output_dir) if is_checkpoint(p)]
+        if not found:
+            raise InputError("no checkpoint-N folder to resume from (--resume_from_checkpoint)", output_dir)
+        return found[-1]
+    if not os.path.isdir(value):
+        raise InputError("checkpoint folder not found (--resume_from_checkpoint)", value)
+    if not is_checkpoint(value):
+        raise InputError("not a checkpoint folder (--resume_from_checkpoint): no trainer_state.json or its companions", value)
+    return value

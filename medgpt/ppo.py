@@ -26,7 +26,6 @@ import logging
 import math
 import os
 import random
-import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -40,7 +39,7 @@ from transformers import TrainingArguments
 
 from medgpt.arguments import at_least, require
 from medgpt.errors import InputError
-from medgpt.outputs import atomic_write_text, publish_model_folder, staging_folder
+from medgpt.outputs import atomic_write_text, list_checkpoints, publish_model_folder, resolve_checkpoint, staging_folder
 from medgpt.rewards import RewardArguments
 
 logger = logging.getLogger(__name__)
@@ -99,7 +98,7 @@ class PPOArguments(TrainingArguments):
         if self.save_strategy == "best":
             raise InputError("--save_strategy best is not supported by ppo_training.py (no evaluation): use steps, epoch or no")
         if self.resume_from_checkpoint is not None:
-            self.resume_from_checkpoint = resolve_checkpoint(self.resume_from_checkpoint, self.output_dir)
+            self.resume_from_checkpoint = resolve_checkpoint(self.resume_from_checkpoint, self.output_dir, is_checkpoint)
 
 
 @dataclass
@@ -120,33 +119,8 @@ class PPORewardArguments(RewardArguments):
             raise InputError("--reward_funcs model needs --reward_model_path")
 
 
-def checkpoint_step(path: str) -> int | None:
-    found = re.fullmatch(r"checkpoint-(\d+)", os.path.basename(os.path.normpath(path)))
-    return int(found.group(1)) if found else None
-
-
-def list_checkpoints(output_dir: str) -> list[str]:
-    """The checkpoint-N folders in output_dir, oldest (smallest N) first."""
-    folders = [p for p in glob.glob(os.path.join(output_dir, "checkpoint-*")) if os.path.isdir(p) and checkpoint_step(p) is not None]
-    return sorted(folders, key=checkpoint_step)
-
-
-def resolve_checkpoint(value: str, output_dir: str) -> str:
-    """--resume_from_checkpoint: a checkpoint folder, or True/last for the newest one in output_dir."""
-    if str(value).lower() in ("true", "last"):
-        found = [p for p in list_checkpoints(output_dir) if is_checkpoint(p)]
-        if not found:
-            raise InputError("no checkpoint-N folder to resume from", output_dir)
-        return found[-1]
-    if not os.path.isdir(value):
-        raise InputError("checkpoint folder not found", value)
-    if not is_checkpoint(value):
-        missing = [name for name in CHECKPOINT_FILES if not os.path.isfile(os.path.join(value, name))]
-        raise InputError(f"not a PPO checkpoint (no {', '.join(missing)}): give a checkpoint-N folder of an earlier run", value)
-    return value
-
-
 def is_checkpoint(path: str) -> bool:
+    """A PPO checkpoint: its trainer state and everything a resumed run restores."""
     return all(os.path.isfile(os.path.join(path, name)) for name in CHECKPOINT_FILES)
 
 
@@ -345,9 +319,11 @@ class PPOTrainerLite:
             {"params": [p for name, p in trainable if not no_decay(name)], "weight_decay": args.weight_decay},
             {"params": [p for name, p in trainable if no_decay(name)], "weight_decay": 0.0},
         ], **optimizer_kwargs)
+        # The schedule advances every optimizer step; --warmup_steps counts iterations, like every step option here.
         schedule_length = self.total_steps * self.optimizer_steps_per_iteration
+        warmup = args.get_warmup_steps(self.total_steps) * self.optimizer_steps_per_iteration
         self.scheduler = get_scheduler(
-            args.lr_scheduler_type, self.optimizer, num_warmup_steps=args.get_warmup_steps(schedule_length),
+            args.lr_scheduler_type, self.optimizer, num_warmup_steps=warmup,
             num_training_steps=schedule_length, scheduler_specific_kwargs=args.lr_scheduler_kwargs or None,
         )
         self.global_step = 0
@@ -355,6 +331,11 @@ class PPOTrainerLite:
         self.unlogged: list[dict] = []  # statistics of the iterations since the last log
         self.seconds_before = 0.0  # training time of the run this one resumes
         self.writer = None
+        ignored = [name for name in args.report_to if name not in ("tensorboard", "none")]
+        if ignored:
+            logger.warning("--report_to %s: PPO logs to TensorBoard and ppo_log.jsonl only", ",".join(ignored))
+        if args.fp16:
+            logger.warning("--fp16: PPO has no fp16 autocast (it would need loss scaling); training in the weights' dtype")
         if self.is_main and "tensorboard" in args.report_to:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -604,19 +585,20 @@ class PPOTrainerLite:
             dist.all_gather_object(states, rng)
         if self.is_main:
             target = os.path.join(self.args.output_dir, f"checkpoint-{self.global_step}")
-            with staging_folder(target) as staging:
-                self._save_weights(staging)
-                if not self.args.save_only_model:  # --save_only_model: smaller, but cannot be resumed
-                    torch.save(self.optimizer.state_dict(), os.path.join(staging, "optimizer.pt"))
-                    torch.save(self.scheduler.state_dict(), os.path.join(staging, "scheduler.pt"))
-                    for rank, state in enumerate(states):
-                        torch.save(state, os.path.join(staging, "rng_state.pth" if self.world_size == 1 else f"rng_state_{rank}.pth"))
-                state = dict(self.trainer_state(), total_seconds=round(seconds, 1), unlogged_iterations=self.unlogged)
-                atomic_write_text(os.path.join(staging, "trainer_state.json"), json.dumps(state, indent=2) + "\n")
-                if os.path.isdir(target):
-                    shutil.rmtree(target)
-                os.replace(staging, target)
-                os.makedirs(staging)  # staging_folder removes it afterwards
+            staging = os.path.join(self.args.output_dir, f".checkpoint-{self.global_step}.partial")
+            shutil.rmtree(staging, ignore_errors=True)  # what an interrupted save left
+            os.makedirs(staging)
+            self._save_weights(staging)
+            if not self.args.save_only_model:  # --save_only_model: smaller, but cannot be resumed
+                torch.save(self.optimizer.state_dict(), os.path.join(staging, "optimizer.pt"))
+                torch.save(self.scheduler.state_dict(), os.path.join(staging, "scheduler.pt"))
+                for rank, state in enumerate(states):
+                    torch.save(state, os.path.join(staging, "rng_state.pth" if self.world_size == 1 else f"rng_state_{rank}.pth"))
+            state = dict(self.trainer_state(), total_seconds=round(seconds, 1), unlogged_iterations=self.unlogged)
+            atomic_write_text(os.path.join(staging, "trainer_state.json"), json.dumps(state, indent=2) + "\n")
+            if os.path.isdir(target):
+                shutil.rmtree(target)
+            os.replace(staging, target)
             logger.info("checkpoint saved to %s", target)
             self._rotate_checkpoints()
         self._barrier()

@@ -193,7 +193,7 @@ def test_merge_over_an_adapter_folder_replaces_the_adapter_and_keeps_other_files
     assert result.returncode == 0, result.stderr[-3000:]
     assert not any(name.startswith("adapter_") for name in os.listdir(out)), os.listdir(out)
     assert (out / "notes.txt").read_text(encoding="utf-8") == "my notes"
-    assert not [name for name in os.listdir(tmp_path) if name.startswith(".")], "the staging folder is left behind"
+    assert not [name for name in os.listdir(out) if name.startswith(".")], "the staging folder is left behind"
     ids = torch.randint(10, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), random_adapter)(ids).logits
