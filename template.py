@@ -13,9 +13,11 @@ The same object does three jobs, so they can never drift apart:
   split(messages)   -> (prompt, answer) text pairs for loss masking. An answer is the assistant slot from
                        "{content}" to its end, so the end-of-turn marker is inside the answer and is trained;
                        everything before "{content}" (the assistant header) belongs to the prompt;
-  to_jinja()        -> an equivalent Jinja chat_template with {% generation %} around each answer. The toolkit
-                       writes it into the tokenizer of every saved model, so inference, the API and vLLM render
-                       exactly what training saw, and `return_assistant_tokens_mask=True` marks the answers.
+  to_jinja()        -> an equivalent Jinja chat_template in plain Jinja2. The toolkit writes it into the tokenizer
+                       of every saved model, so inference, the API, vLLM, llama.cpp and any other engine render
+                       exactly what training saw. to_jinja(mark_answers=True) adds transformers' own
+                       {% generation %} blocks around each answer, for `return_assistant_tokens_mask=True`;
+                       other engines cannot parse that tag, so it is never saved with a model.
 
 Special tokens. Slots may contain "{bos}" and "{eos}": the tokenizer's bos/eos text. Families whose turn ends
 with the tokenizer's eos (llama2, mistral, vicuna, alpaca, baichuan2, ...) write "{eos}", never a literal
@@ -187,8 +189,9 @@ class Template:
 
     # ----- Jinja export ---------------------------------------------------------------------------------
 
-    def to_jinja(self) -> str:
-        """An equivalent Jinja chat_template, with {% generation %} around each answer.
+    def to_jinja(self, mark_answers: bool = False) -> str:
+        """An equivalent Jinja chat_template (plain Jinja2); with `mark_answers`, each answer is wrapped in
+        transformers' {% generation %} block, which only transformers understands.
 
         apply_chat_template(messages, tokenize=False, add_generation_prompt=..., enable_thinking=...) gives
         exactly render(...) called with the tokenizer's bos_token/eos_token."""
@@ -196,7 +199,8 @@ class Template:
         header, end = self.assistant.split(CONTENT)
         system_turn = _turn(self.system, "system")
         out = [
-            f"{{#- chat template {self.name!r}, exported from template.py; answers are in generation blocks -#}}",
+            f"{{#- chat template {self.name!r}, exported from template.py"
+            f"{'; answers are in generation blocks' if mark_answers else ''} -#}}",
             "{%- set bos = bos_token if bos_token is defined and bos_token is not none else '' -%}",
             "{%- set eos = eos_token if eos_token is defined and eos_token is not none else '' -%}",
             "{%- if messages and messages[0]['role'] == 'system' -%}",
@@ -253,7 +257,8 @@ class Template:
             ]
         out += [
             f"        {{{{- {_expr(header)}{' ~ think_prompt' if self.thought else ''} -}}}}",
-            f"        {{%- generation -%}}{{{{- content ~ {_expr(end)} -}}}}{{%- endgeneration -%}}",
+            (f"        {{%- generation -%}}{{{{- content ~ {_expr(end)} -}}}}{{%- endgeneration -%}}" if mark_answers
+             else f"        {{{{- content ~ {_expr(end)} -}}}}"),
             "    {%- else -%}",
             "        {{- raise_exception('unexpected ' ~ message['role'] ~ ' message: roles are user, assistant, tool; "
             "a system message may only come first') -}}",

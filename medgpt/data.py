@@ -221,6 +221,22 @@ def _system_and_tools(record: dict) -> str | None:
     return system or None
 
 
+def content_text(value, what: str) -> str:
+    """A message's content: a string, or (OpenAI shape) a list of text parts joined into one string."""
+    if isinstance(value, list):
+        pieces = []
+        for index, part in enumerate(value):
+            if isinstance(part, str):
+                pieces.append(part)
+            elif isinstance(part, dict) and part.get("type", "text") == "text" and isinstance(part.get("text"), str):
+                pieces.append(part["text"])
+            else:
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise RecordError("non-text content", f"{what}[{index}] is a '{kind}' part: only text parts can be trained on")
+        return "".join(pieces)
+    return _require_string(value, what)
+
+
 def _turns_from_list(turns, key: str, role_key: str, content_key: str) -> list[dict]:
     if not isinstance(turns, list):
         raise RecordError("non-list conversation", f"{key} must be a list, got {type(turns).__name__}")
@@ -234,7 +250,7 @@ def _turns_from_list(turns, key: str, role_key: str, content_key: str) -> list[d
         speaker = _require_string(turn[role_key], f"{where}.{role_key}")
         if speaker not in ROLE_ALIASES:
             raise RecordError("unknown role", f"{where}.{role_key} is '{speaker}', expected one of {sorted(ROLE_ALIASES)}")
-        content = _require_string(turn[content_key], f"{where}.{content_key}")
+        content = content_text(turn[content_key], f"{where}.{content_key}")
         messages.append({"role": ROLE_ALIASES[speaker], "content": content})
     return messages
 
@@ -432,7 +448,7 @@ def _response_text(value, key: str) -> str:
         if not value or not isinstance(value[-1], dict) or value[-1].get("role") != "assistant":
             raise RecordError("malformed response", f"{key} as a list must end with an assistant message")
         value = value[-1].get("content")
-    text = _require_string(value, key)
+    text = content_text(value, key)
     if not text.strip():
         raise RecordError(f"empty {key}", f"{key} is empty")
     return text

@@ -55,6 +55,19 @@ def test_openai_messages_format():
     assert record_to_messages(record) == record["messages"]
 
 
+def test_content_as_a_list_of_text_parts_is_joined():
+    record = {"messages": [
+        {"role": "user", "content": [{"type": "text", "text": "I have a fever"}, {"type": "text", "text": " and a cough."}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Rest and drink water."}]},
+    ]}
+    assert record_to_messages(record) == [
+        {"role": "user", "content": "I have a fever and a cough."}, {"role": "assistant", "content": "Rest and drink water."},
+    ]
+    record["messages"][0]["content"].append({"type": "image_url", "image_url": {"url": "x.png"}})
+    with pytest.raises(ValueError, match=r"messages\[0\].content\[2\] is a 'image_url' part"):
+        record_to_messages(record)
+
+
 def test_alpaca_with_input_history_and_system():
     record = {
         "instruction": "What dose?",

@@ -39,7 +39,19 @@ def test_sft_lora_on_the_real_medicalgpt_files(tiny_model_dir, tmp_path):
     # The saved tokenizer carries the template training used.
     from template import get_template
 
-    assert AutoTokenizer.from_pretrained(out).chat_template == get_template("chatml").to_jinja()
+    saved = AutoTokenizer.from_pretrained(out)
+    assert saved.chat_template == get_template("chatml").to_jinja()
+    # ... in plain Jinja2, which every serving engine can read, rendering exactly the training text
+    import jinja2
+
+    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "发烧怎么办？"},
+                    {"role": "assistant", "content": "多喝水，体温超过39度请就医。"}]
+    special = {"bos_token": saved.bos_token or "", "eos_token": saved.eos_token or ""}
+    plain = jinja2.Environment().from_string(saved.chat_template)
+    for prompt in (False, True):
+        messages = conversation[:-1] if prompt else conversation
+        assert plain.render(messages=messages, add_generation_prompt=prompt, **special) == get_template("chatml").render(
+            messages, prompt, **special)
     assert os.listdir(out / "runs"), "TensorBoard logs"
 
 

@@ -1,6 +1,7 @@
 """template.py: exact strings per family, split == render, the Jinja export through transformers (text and
 assistant masks), and agreement with the families' own chat templates."""
 
+import jinja2
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
@@ -291,17 +292,22 @@ JINJA_CASES = [(name, conversation, thinking) for name in sorted(TEMPLATES)
 def test_jinja_export_renders_like_python_and_masks_exactly_the_answers(name, conversation, thinking):
     template = get_template(name)
     tokenizer = tiny_tokenizer(template.bos_token, template.eos_token)
-    tokenizer.chat_template = template.to_jinja()
     messages = CONVERSATIONS.get(conversation) or PROMPTS[conversation]
     extra = {} if thinking is None else {"enable_thinking": thinking}
     python_extra = {"enable_thinking": thinking is not False}
     special = {"bos_token": tokenizer.bos_token or "", "eos_token": tokenizer.eos_token or ""}
+    # The template saved with models is plain Jinja2: any engine reads it, and it renders what training saw.
+    plain = jinja2.Environment().from_string(template.to_jinja())
+    assert "generation" not in template.to_jinja().replace("add_generation_prompt", "")
     for add_generation_prompt in (False, True):
         expected = template.render(messages, add_generation_prompt, **python_extra, **special)
-        assert tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                             **extra) == expected
+        assert plain.render(messages=messages, add_generation_prompt=add_generation_prompt, **extra, **special) == expected
+        for marked in (False, True):
+            tokenizer.chat_template = template.to_jinja(mark_answers=marked)
+            assert tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                                 **extra) == expected
     out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True,
-                                        **extra)
+                                        **extra)  # with the marked template set last above
     assert tokenizer.decode(out["input_ids"], clean_up_tokenization_spaces=False) == template.render(
         messages, **python_extra, **special)
     answers = [answer for _, answer in template.split(messages, **python_extra, **special)]
