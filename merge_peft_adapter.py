@@ -12,8 +12,8 @@ import torch
 
 from medgpt.arguments import parse_args, setup_logging
 from medgpt.errors import InputError, exit_on_input_error
-from medgpt.modeling import adapter_base_model, check_adapter_path, check_model_path, hub_kwargs, resolve_dtype
-from medgpt.outputs import check_output_dir, publish_model_folder, same_folder, staging_folder
+from medgpt.modeling import adapter_base_model, check_adapter_path, check_model_path, hub_kwargs, resolve_dtype, tokenizer_folder
+from medgpt.outputs import publish_model_folder, same_folder, staging_folder
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def check_paths(args: MergeArguments) -> None:
     if not args.base_model:
         raise InputError("the adapter does not name its base model: pass --base_model", args.lora_model)
     check_model_path(args.base_model, "--base_model")
-    check_output_dir(args.output_dir)
+    # The base named by the adapter is known only here, so this check is not left to parse_args.
     for flag, source in (("--lora_model", args.lora_model), ("--base_model", args.base_model)):
         if same_folder(args.output_dir, source):
             raise InputError(f"--output_dir is the {flag} folder, which the merge would destroy: write elsewhere", args.output_dir)
@@ -68,8 +68,7 @@ def main(argv=None):
     model = PeftModel.from_pretrained(base, args.lora_model).merge_and_unload()
     model = model.to(save_dtype)
 
-    has_tokenizer = os.path.isfile(os.path.join(args.lora_model, "tokenizer_config.json"))
-    tokenizer_source = args.lora_model if has_tokenizer else args.base_model
+    tokenizer_source = tokenizer_folder(args.base_model, args.lora_model)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, **hub_kwargs(tokenizer_source, trust_remote_code=args.trust_remote_code))
     # Written whole into a staging folder, then moved into place: an interrupted merge never mixes models.
     with staging_folder(args.output_dir) as staging:

@@ -264,7 +264,8 @@ def parse_args(dataclass_types, argv: list[str] | None = None):
 
 
 # Folders a run reads from that its --output_dir must not be: writing the result there would replace them.
-INPUT_FOLDERS = ("model_name_or_path", "tokenizer_name_or_path", "reward_model_path", "base_model")
+# (merge_peft_adapter.py checks its own inputs: its base model may come from the adapter's config.)
+INPUT_FOLDERS = ("model_name_or_path", "tokenizer_name_or_path", "reward_model_path")
 
 
 def check_outputs_apart_from_inputs(parsed) -> None:

@@ -45,7 +45,7 @@ def shorten_prompt(messages: list[dict], chat_format, tokenizer, max_length: int
     at most half of what the prompt may use."""
     has_system = messages[0]["role"] == "system"
     user_index = 1 if has_system else 0
-    prompt_text, answer_text = chat_format.split(messages)[0]
+    answer_text = chat_format.split(messages)[0][1]
     answer_length = len(_tokenize(tokenizer, answer_text))
     budget = max_length - min(answer_length, max(1, max_length // 2))
     content_ids = _tokenize(tokenizer, messages[user_index]["content"])

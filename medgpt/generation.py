@@ -1,7 +1,6 @@
 """Loading a trained model for inference and generating answers: batched (left padding) or streamed."""
 
 import logging
-import os
 import threading
 from dataclasses import dataclass, field
 
@@ -9,7 +8,7 @@ import torch
 
 from medgpt.arguments import at_least, require
 from medgpt.chat import ChatFormat
-from medgpt.modeling import check_adapter_path, check_model_path, hub_kwargs, resolve_dtype
+from medgpt.modeling import check_adapter_path, check_model_path, hub_kwargs, resolve_dtype, tokenizer_folder
 
 logger = logging.getLogger(__name__)
 
@@ -66,9 +65,7 @@ class ChatModel:
         base = check_model_path(args.base_model, "--base_model")
         if args.lora_model:
             check_adapter_path(args.lora_model, "--lora_model")
-        # A stage's output folder holds the tokenizer with the template it trained with: prefer it.
-        has_tokenizer = args.lora_model and os.path.isfile(os.path.join(args.lora_model, "tokenizer_config.json"))
-        tokenizer_source = args.lora_model if has_tokenizer else base
+        tokenizer_source = tokenizer_folder(base, args.lora_model)
         self.tokenizer = AutoTokenizer.from_pretrained(
             tokenizer_source, **hub_kwargs(tokenizer_source, trust_remote_code=args.trust_remote_code)
         )

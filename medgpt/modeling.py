@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from medgpt.arguments import comma_list, cuda_bf16_available
 from medgpt.errors import InputError
+from medgpt.outputs import MODEL_WEIGHT_PATTERNS, has_weights, publish_model_folder, staging_path
 
 logger = logging.getLogger(__name__)
 
@@ -24,10 +25,6 @@ def resolve_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise InputError(f"--torch_dtype must be auto or one of {', '.join(DTYPES)}, got '{name}'")
     return DTYPES[name]
-
-
-def is_weight_file(name: str) -> bool:
-    return name.endswith(".safetensors") or (name.startswith("pytorch_model") and name.endswith(".bin"))
 
 
 def hub_downloads_allowed() -> bool:
@@ -67,7 +64,7 @@ def check_model_path(path: str | None, flag: str = "--model_name_or_path", needs
             if not needs_weights and ("tokenizer_config.json" in names or "tokenizer.json" in names):
                 return path
             raise InputError(f"no config.json here: not a model folder ({flag})", path)
-        if needs_weights and not any(is_weight_file(name) for name in names):
+        if needs_weights and not has_weights(path, MODEL_WEIGHT_PATTERNS):
             raise InputError(f"no model weights (.safetensors or .bin files) in this folder ({flag})", path)
         return path
     if os.path.exists(path):
@@ -147,8 +144,7 @@ def attach_lora(model, lora_args, model_args, task_type: str = "CAUSAL_LM", grad
     if model_args.load_in_4bit or model_args.load_in_8bit:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     continue_adapter = False
-    if lora_args.peft_path:
-        check_adapter_path(lora_args.peft_path, "--peft_path")
+    if lora_args.peft_path:  # an adapter folder: LoraArguments checked it when the options were parsed
         with open(os.path.join(lora_args.peft_path, "adapter_config.json"), encoding="utf-8") as handle:
             continue_adapter = json.load(handle).get("task_type") == task_type
         if not continue_adapter:
@@ -198,8 +194,6 @@ def save_model_and_tokenizer(trainer, tokenizer, output_dir: str) -> None:
     Everything is written into a staging folder first and then moved into `output_dir`, replacing the
     model or adapter files of an earlier run there (a stale adapter would otherwise shadow new full
     weights), so an interrupted save never leaves a mix of old and new files."""
-    from medgpt.outputs import publish_model_folder, staging_path
-
     staging = staging_path(output_dir)
     main_process = trainer.args.process_index == 0
     if main_process:
@@ -224,6 +218,14 @@ def check_adapter_path(path: str, flag: str) -> str:
         hint = " (it holds a full model: pass it as the model instead)" if os.path.isfile(os.path.join(path, "config.json")) else ""
         raise InputError(f"no adapter_config.json here: not a LoRA adapter folder ({flag}){hint}", path)
     return path
+
+
+def tokenizer_folder(base_model: str, lora_model: str | None) -> str:
+    """Where the tokenizer comes from: a stage's output folder holds the tokenizer with the template it
+    trained with, so an adapter's own tokenizer wins over its base model's."""
+    if lora_model and os.path.isfile(os.path.join(lora_model, "tokenizer_config.json")):
+        return lora_model
+    return base_model
 
 
 def is_adapter_folder(path: str) -> bool:

@@ -25,7 +25,8 @@ MODEL_FILE_PATTERNS = CONFIG_FILES + (
     "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json",
     "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
 )
-WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "adapter_model.bin")
+MODEL_WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
+WEIGHT_PATTERNS = MODEL_WEIGHT_PATTERNS + ("adapter_model.bin",)
 STAGING_NAME = ".partial"
 # Read once, while the process has one thread: os.umask can only be read by setting it.
 UMASK = os.umask(0o022)
@@ -49,7 +50,12 @@ def check_output_dir(path: str | None, flag: str = "--output_dir") -> None:
         raise InputError(f"{flag} is required")
     if os.path.exists(path) and not os.path.isdir(path):
         raise InputError(f"{flag} is an existing file, not a folder", path)
-    existing = _nearest_existing(path)
+    _check_creatable(path, flag, path)
+
+
+def _check_creatable(folder: str, flag: str, path: str) -> None:
+    """`folder` exists as a writable folder, or can be made below one (nothing on the way is a file)."""
+    existing = _nearest_existing(folder)
     if not os.path.isdir(existing):
         raise InputError(f"{flag} cannot be created: {existing} is a file", path)
     if not os.access(existing, os.W_OK):
@@ -69,11 +75,7 @@ def check_output_file(path: str | None, flag: str = "--output_file") -> None:
         raise InputError(f"{flag} is required")
     if os.path.isdir(path):
         raise InputError(f"{flag} is a folder, not a file", path)
-    existing = _nearest_existing(os.path.dirname(os.path.abspath(path)))
-    if not os.path.isdir(existing):
-        raise InputError(f"{flag} cannot be created: {existing} is a file", path)
-    if not os.access(existing, os.W_OK):
-        raise InputError(f"{flag} is not writable", path)
+    _check_creatable(os.path.dirname(os.path.abspath(path)), flag, path)
 
 
 @contextlib.contextmanager
@@ -121,8 +123,9 @@ def staging_folder(output_dir: str):
     shutil.rmtree(staging, ignore_errors=True)
 
 
-def has_weights(folder: str) -> bool:
-    return any(glob.glob(os.path.join(folder, pattern)) for pattern in WEIGHT_PATTERNS)
+def has_weights(folder: str, patterns=WEIGHT_PATTERNS) -> bool:
+    """Whether `folder` holds weight files (a model's or an adapter's; MODEL_WEIGHT_PATTERNS: a model's)."""
+    return any(glob.glob(os.path.join(folder, pattern)) for pattern in patterns)
 
 
 def publish_model_folder(staging: str, output_dir: str) -> list[str]:

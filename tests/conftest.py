@@ -68,6 +68,18 @@ def run_script(script: str, *args: str, env: dict | None = None, timeout: int = 
     return subprocess.run(command, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
+# A reward a tiny random model can learn (tests/toy_rewards.py), for the RL stage tests.
+TOY_REWARD = os.path.join(REPO, "tests", "toy_rewards.py") + ":space_share"
+
+
+def ppo_log(output_dir) -> list[dict]:
+    """The per-iteration records ppo_training.py writes."""
+    import json
+
+    with open(os.path.join(output_dir, "ppo_log.jsonl"), encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle]
+
+
 def tiny_training_flags(output_dir, steps: int = 2) -> list[str]:
     return [
         "--output_dir", str(output_dir), "--max_steps", str(steps), "--per_device_train_batch_size", "2",

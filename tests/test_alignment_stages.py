@@ -9,13 +9,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import FIXTURES, REPO, TORCHRUN, run_script, tiny_training_flags
+from conftest import FIXTURES, REPO, TORCHRUN, TOY_REWARD, ppo_log, run_script, tiny_training_flags
 from medgpt.chat import ChatFormat
 from medgpt.data import DataReport, load_records
 from medgpt.encoding import encode_preferences
 
 PAIR_LENGTHS = ["--max_length", "256", "--max_prompt_length", "128"]
-TOY_REWARD = os.path.join(REPO, "tests", "toy_rewards.py") + ":space_share"
 
 
 def results(output_dir) -> dict:
@@ -26,11 +25,6 @@ def results(output_dir) -> dict:
 def log_history(output_dir) -> list[dict]:
     with open(os.path.join(output_dir, "trainer_state.json"), encoding="utf-8") as handle:
         return json.load(handle)["log_history"]
-
-
-def ppo_log(output_dir) -> list[dict]:
-    with open(os.path.join(output_dir, "ppo_log.jsonl"), encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle]
 
 
 def assert_saved_model(output_dir, lora: bool):

@@ -1,18 +1,16 @@
-"""PPO configured like the other stages: TrainingArguments flags, checkpoints, exact resume, torchrun,
-range checks and its default reward."""
+"""PPO configured like the other stages: TrainingArguments flags, checkpoints, exact resume, torchrun.
+(Its bad options and default reward are rows of test_bad_input.py.)"""
 
 import json
 import os
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, TORCHRUN, run_script
+from conftest import REPO, TORCHRUN, TOY_REWARD, ppo_log, run_script
 from medgpt.ppo import rollout_prompt_indices
 
 QUESTIONS = os.path.join(REPO, "data", "grpo")
-TOY_REWARD = os.path.join(REPO, "tests", "toy_rewards.py") + ":space_share"
 
 
 def ppo_flags(model_dir, output_dir, *extra) -> list[str]:
@@ -26,11 +24,6 @@ def ppo_flags(model_dir, output_dir, *extra) -> list[str]:
 def read_json(path):
     with open(path, encoding="utf-8") as handle:
         return json.load(handle)
-
-
-def read_log(output_dir) -> list[dict]:
-    with open(os.path.join(output_dir, "ppo_log.jsonl"), encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle]
 
 
 def test_rollout_prompts_are_a_function_of_the_step():
@@ -62,7 +55,7 @@ def test_checkpoints_and_a_resumed_run_ends_where_an_uninterrupted_one_ends(tiny
         assert [entry["step"] for entry in state["log_history"]] == list(range(1, step + 1))
     assert not os.path.exists(straight / "checkpoint-1")
     final_state = read_json(straight / "trainer_state.json")
-    assert final_state["global_step"] == 4 and final_state["log_history"] == read_log(straight)
+    assert final_state["global_step"] == 4 and final_state["log_history"] == ppo_log(straight)
     assert {entry["learning_rate"] for entry in final_state["log_history"]} == {1e-2}
 
     result = run_script("ppo_training.py", *ppo_flags(tiny_model_dir, stopped, *common, "--max_steps", "2"))
@@ -81,7 +74,7 @@ def test_checkpoints_and_a_resumed_run_ends_where_an_uninterrupted_one_ends(tiny
             torch.testing.assert_close(resumed[key], expected[key], rtol=0, atol=1e-6, msg=f"{name}: {key}")
     # the history of steps 1-2 comes from the checkpoint, 3-4 from the resumed run: the same numbers
     untimed = lambda log: [{k: v for k, v in entry.items() if k != "seconds"} for entry in log]  # noqa: E731
-    assert untimed(read_log(stopped)) == untimed(read_log(straight))
+    assert untimed(ppo_log(stopped)) == untimed(ppo_log(straight))
     # the weights did move: equality above is not that of two untrained adapters
     adapter = load_file(straight / "adapter_model.safetensors")
     assert all(value.abs().sum() > 0 for key, value in adapter.items() if "lora_B" in key)
@@ -97,7 +90,7 @@ def test_torchrun_two_processes_share_the_prompts_and_average_the_gradients(tiny
     assert "training on 2 process(es)" in result.stderr
     assert "of 8 prompts (4 per process x 2 process(es))" in result.stderr
     assert result.stderr.count("policy, value head and tokenizer saved to") == 1
-    log = read_log(out)
+    log = ppo_log(out)
     assert [entry["step"] for entry in log] == [1, 2]
     assert log[0]["learning_rate"] > log[1]["learning_rate"] == 0.0  # the default linear decay, to 0 at the end
     assert read_json(out / "trainer_state.json")["world_size"] == 2
