@@ -37,17 +37,20 @@ class InferenceArguments:
 
 def read_queries(path: str) -> list[dict]:
     def convert(record):
-        messages, reference = query_to_messages(record)
-        return {"messages": messages, "reference": reference}
+        messages, reference, tools = query_to_messages(record)
+        return {"messages": messages, "reference": reference, "tools": tools}
 
     return load_records(path, "query", DataReport("queries"), skip_invalid=False, converter=convert)
 
 
 def answer_file(chat_model: ChatModel, queries: list[dict], args: InferenceArguments, generation: GenerationArguments) -> None:
-    answers = chat_model.answer_batch([q["messages"] for q in queries], generation, args.batch_size)
+    answers = chat_model.answer_batch([q["messages"] for q in queries], generation, args.batch_size,
+                                      tools=[q["tools"] for q in queries])
     rows = []
     for query, answer in zip(queries, answers, strict=True):
         row = {"input": query["messages"][-1]["content"], "output": answer}
+        if query["tools"]:  # the calls the answer makes, read back in the template's format
+            row["tool_calls"] = chat_model.chat_format.parse_tool_calls(answer)[1]
         if query["reference"] is not None:
             row["reference"] = query["reference"]
         rows.append(row)

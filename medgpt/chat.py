@@ -37,15 +37,17 @@ class ChatFormat:
     def _special_tokens(self) -> dict:
         return {"bos_token": self.tokenizer.bos_token or "", "eos_token": self.tokenizer.eos_token or ""}
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    def render(self, messages: list[dict], add_generation_prompt: bool = False, tools: list[dict] | None = None) -> str:
         if self.template is not None:
-            return self.template.render(messages, add_generation_prompt=add_generation_prompt, **self._special_tokens())
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+            return self.template.render(messages, add_generation_prompt=add_generation_prompt, tools=tools,
+                                        **self._special_tokens())
+        return self.tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)
 
-    def split(self, messages: list[dict]) -> list[tuple[str, str]]:
+    def split(self, messages: list[dict], tools: list[dict] | None = None) -> list[tuple[str, str]]:
         """(prompt, answer) text pairs, one per assistant turn; joined they give `render(messages)`."""
         if self.template is not None:
-            return self.template.split(messages, **self._special_tokens())
+            return self.template.split(messages, tools=tools, **self._special_tokens())
         # A Jinja template has no split of its own: render the conversation up to each answer, with and
         # without the answer, and take the difference. That holds for templates that never rewrite
         # earlier turns; any other is refused rather than trained on mismatched text.
@@ -53,8 +55,8 @@ class ChatFormat:
         for index, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue
-            before = self.render(messages[:index], add_generation_prompt=True)
-            through = self.render(messages[: index + 1])
+            before = self.render(messages[:index], add_generation_prompt=True, tools=tools)
+            through = self.render(messages[: index + 1], tools=tools)
             if not (before.startswith(done) and through.startswith(before)):
                 raise InputError(
                     "the model's chat_template rewrites earlier turns, so prompt and answer cannot be told apart: "
@@ -63,6 +65,10 @@ class ChatFormat:
             pairs.append((before[len(done):], through[len(before):]))
             done = through
         return pairs
+
+    def parse_tool_calls(self, text: str) -> tuple[str, list[dict]]:
+        """(content, calls) of a generated answer; a model's own chat_template comes with no parser."""
+        return self.template.parse_tool_calls(text) if self.template is not None else (text, [])
 
     def install(self) -> None:
         """Make the tokenizer carry this format, so every model saved with it renders what training saw."""

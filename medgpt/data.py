@@ -1,8 +1,24 @@
 """Reading training data: file discovery, record formats, validation and train/validation splits.
 
 Every stage reads its files through `load_records`. Each record is converted to one internal shape
-(`{"messages": [...]}` for conversations, `{"text": ...}` for pretraining text); a record that cannot be
-converted is an `InputError` naming `path:line`, or, with `--skip_invalid_records`, a counted rejection.
+(`{"messages": [...], "tools": ...}` for conversations, `{"text": ...}` for pretraining text); a record that
+cannot be converted is an `InputError` naming `path:line`, or, with `--skip_invalid_records`, a counted
+rejection.
+
+Messages have OpenAI's shape, whatever the input format, so that each template can write tools and calls
+the way its model family's own chat template does:
+
+- `{"role": "system" | "user" | "assistant" | "tool", "content": str}`; content is always a string, empty
+  only in an assistant message that makes tool calls.
+- An assistant message that calls tools also has `"tool_calls": [{"type": "function", "function": {"name":
+  str, "arguments": dict}}, ...]` (with the input's `"id"` when it gave one); arguments given as a JSON
+  string are parsed.
+- A tool message (a tool's result) keeps the input's `"tool_call_id"` and `"name"` when it gave them.
+- `tools` is None or a list of `{"type": "function", "function": {"name", "description", "parameters"}}`;
+  a bare function definition (glaive / ShareGPT style) is wrapped into that shape.
+
+ShareGPT `function_call` turns become an assistant message with tool calls (consecutive ones, one message
+with several calls) and `observation` turns become tool messages.
 """
 
 import codecs
@@ -208,17 +224,91 @@ def _require_string(value, what: str) -> str:
     return value
 
 
-def _system_and_tools(record: dict) -> str | None:
+def _system(record: dict) -> str | None:
     system = record.get("system", record.get("system_prompt"))
     if system is not None:
         system = _require_string(system, "system" if "system" in record else "system_prompt")
-    tools = record.get("tools")
-    if tools:
-        tools_text = tools if isinstance(tools, str) else json.dumps(tools, ensure_ascii=False)
-        # Tool schemas travel in the system turn so every template can carry them unchanged.
-        tools_note = f"You can call these tools:\n{tools_text}"
-        system = f"{system}\n\n{tools_note}" if system else tools_note
     return system or None
+
+
+def _json_error(error: json.JSONDecodeError) -> str:
+    return f"{error.msg} at column {error.colno}"
+
+
+def parse_tools(value) -> list[dict] | None:
+    """A record's `tools` as OpenAI-shape definitions, from a list or its JSON text; bare function
+    definitions (glaive, ShareGPT) are wrapped. None when there are none, so templates have one way to
+    see that no tools were given."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as error:
+            raise RecordError("malformed tools", f"tools is not valid JSON: {_json_error(error)}") from None
+    if not isinstance(value, list):
+        raise RecordError("malformed tools", f"tools must be a list of tool definitions, got {type(value).__name__}")
+    tools = []
+    for index, entry in enumerate(value):
+        function = entry["function"] if isinstance(entry, dict) and "function" in entry else entry
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"].strip():
+            raise RecordError("malformed tools", f"tools[{index}] is not a function definition with a string 'name'")
+        tools.append({"type": "function", "function": dict(function)})
+    return tools or None
+
+
+def _tool_call(call, where: str) -> dict:
+    """One call as {"type": "function", "function": {"name", "arguments": dict}}, from OpenAI's shape or a
+    bare {"name", "arguments"}; arguments as JSON text are parsed, since templates write them their own way."""
+    if not isinstance(call, dict):
+        raise RecordError("malformed tool call", f"{where} must be an object, got {type(call).__name__}")
+    if "function" in call:
+        if call.get("type", "function") != "function":
+            raise RecordError("malformed tool call", f"{where} is a '{call['type']}' call: only function calls are supported")
+        function, where_function = call["function"], f"{where}.function"
+    else:
+        function, where_function = call, where
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"].strip():
+        raise RecordError("malformed tool call", f"{where_function} has no string 'name'")
+    arguments = function.get("arguments")
+    if arguments is None:
+        arguments = {}  # a call without arguments
+    elif isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except json.JSONDecodeError as error:
+            raise RecordError(
+                "malformed tool call", f"{where_function}.arguments is not a JSON object ({_json_error(error)})"
+            ) from None
+    if not isinstance(arguments, dict):
+        raise RecordError(
+            "malformed tool call", f"{where_function}.arguments is not a JSON object (got {type(arguments).__name__})"
+        )
+    converted = {"type": "function", "function": {"name": function["name"], "arguments": arguments}}
+    if call.get("id") is not None:
+        converted = {"id": _require_string(call["id"], f"{where}.id"), **converted}
+    return converted
+
+
+def _tool_calls(value, where: str) -> list[dict]:
+    """OpenAI's `tool_calls` list."""
+    if not isinstance(value, list):
+        raise RecordError("malformed tool call", f"{where} must be a list, got {type(value).__name__}")
+    return [_tool_call(call, f"{where}[{index}]") for index, call in enumerate(value)]
+
+
+def _function_call_turn(value, where: str) -> list[dict]:
+    """A ShareGPT `function_call` turn's calls: JSON text of one call, or of a list of calls."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as error:
+            raise RecordError("malformed tool call", f"{where} is not a JSON tool call ({_json_error(error)})") from None
+    if isinstance(value, list):
+        if not value:
+            raise RecordError("malformed tool call", f"{where} is an empty list of calls")
+        return [_tool_call(call, f"{where}[{index}]") for index, call in enumerate(value)]
+    return [_tool_call(value, where)]
 
 
 def content_text(value, what: str) -> str:
@@ -243,45 +333,88 @@ def _turns_from_list(turns, key: str, role_key: str, content_key: str) -> list[d
     if not turns:
         raise RecordError("empty conversation", f"{key} is empty")
     messages = []
+    previous_speaker = None
     for index, turn in enumerate(turns):
         where = f"{key}[{index}]"
-        if not isinstance(turn, dict) or role_key not in turn or content_key not in turn:
+        if not isinstance(turn, dict) or role_key not in turn:
             raise RecordError("malformed turn", f"{where} must be an object with '{role_key}' and '{content_key}'")
         speaker = _require_string(turn[role_key], f"{where}.{role_key}")
         if speaker not in ROLE_ALIASES:
             raise RecordError("unknown role", f"{where}.{role_key} is '{speaker}', expected one of {sorted(ROLE_ALIASES)}")
-        content = content_text(turn[content_key], f"{where}.{content_key}")
-        messages.append({"role": ROLE_ALIASES[speaker], "content": content})
+        role = ROLE_ALIASES[speaker]
+        calls = turn.get("tool_calls") or None  # OpenAI writes null or [] for "no calls" too
+        if calls is not None and role != "assistant":
+            raise RecordError(
+                "malformed tool call", f"{where} is a '{role}' turn with tool_calls: only assistant turns call tools"
+            )
+        if content_key not in turn and calls is None:
+            raise RecordError("malformed turn", f"{where} must be an object with '{role_key}' and '{content_key}'")
+        if speaker == "function_call":
+            calls = _function_call_turn(turn[content_key], f"{where}.{content_key}")
+            if previous_speaker == "function_call":  # consecutive calls: one assistant turn making several
+                messages[-1]["tool_calls"] += calls
+                continue
+            message = {"role": "assistant", "content": "", "tool_calls": calls}
+        elif calls is not None:
+            content = turn.get(content_key)
+            content = "" if content is None else content_text(content, f"{where}.{content_key}")
+            message = {"role": "assistant", "content": content, "tool_calls": _tool_calls(calls, f"{where}.tool_calls")}
+        else:
+            message = {"role": role, "content": content_text(turn[content_key], f"{where}.{content_key}")}
+        if role == "tool":
+            for name in ("tool_call_id", "name"):
+                if turn.get(name) is not None:
+                    message[name] = _require_string(turn[name], f"{where}.{name}")
+        messages.append(message)
+        previous_speaker = speaker
     return messages
 
 
-def check_conversation(messages: list[dict], key: str = "conversation") -> None:
-    """An optional leading system turn, then user (or tool) and assistant turns alternating, ending with
-    an assistant turn whose text is not empty."""
+def check_conversation(messages: list[dict], key: str = "conversation", tool_after_answer: bool = False) -> None:
+    """An optional leading system turn, then a user turn, each answered by an assistant turn. An assistant
+    turn that calls tools is followed by one or more tool turns (the results), then an assistant turn
+    again. The conversation ends with an assistant turn: text, or calls (which are trained on too).
+    `tool_after_answer` also accepts a tool turn where a user turn belongs: ShareGPT data (glaive's
+    among it) has results after an answer that wrote its call as text."""
     start = 1 if messages and messages[0]["role"] == "system" else 0
     turns = messages[start:]
     if not turns:
         raise RecordError("empty conversation", f"{key} has no user or assistant turns")
     for offset, message in enumerate(turns):
         index = start + offset
-        expected = PROMPT_ROLES if offset % 2 == 0 else ("assistant",)
-        if offset == 0:
+        role = message["role"]
+        previous = turns[offset - 1] if offset else None
+        if previous is None:
             expected = ("user",)
-        if message["role"] not in expected:
+        elif previous["role"] == "user":
+            expected = ("assistant",)
+        elif previous["role"] == "tool":
+            expected = ("tool", "assistant")
+        elif previous.get("tool_calls"):
+            expected = ("tool",)
+        else:
+            expected = ("user", "tool") if tool_after_answer else ("user",)
+        if role not in expected:
+            if role == "tool" and previous is not None and previous["role"] == "assistant":
+                raise RecordError(
+                    "tool turn without a call",
+                    f"{key}[{index}] is a 'tool' turn, but the assistant turn before it ({key}[{index - 1}]) calls no tool",
+                )
+            hint = f" (the results of {key}[{index - 1}]'s tool calls)" if expected == ("tool",) else ""
             raise RecordError(
-                "wrong role order",
-                f"{key}[{index}] is a '{message['role']}' turn where a '{'/'.join(expected)}' turn belongs",
+                "wrong role order", f"{key}[{index}] is a '{role}' turn where a '{'/'.join(expected)}' turn belongs{hint}"
             )
-        if message["role"] == "assistant" and not message["content"].strip():
+        if role == "assistant" and not message["content"].strip() and not message.get("tool_calls"):
             raise RecordError("empty turn", f"{key}[{index}] is an empty assistant reply")
-        if message["role"] == "user" and not message["content"].strip():
+        if role == "user" and not message["content"].strip():
             raise RecordError("empty turn", f"{key}[{index}] is an empty user turn")
     if turns[-1]["role"] != "assistant":
         raise RecordError("no final answer", f"{key} ends with a '{turns[-1]['role']}' turn, not an answer")
 
 
 def record_to_messages(record: dict) -> list[dict]:
-    """Convert one ShareGPT / OpenAI messages / Alpaca record into checked chat messages."""
+    """Convert one ShareGPT / OpenAI messages / Alpaca record into checked chat messages (the record's
+    tools are read by `record_to_conversation`)."""
     if "conversations" in record:
         messages = _turns_from_list(record["conversations"], "conversations", "from", "value")
         key = "conversations"
@@ -312,11 +445,16 @@ def record_to_messages(record: dict) -> list[dict]:
             f"record in no known format (keys: {', '.join(sorted(record)) or 'none'}); expected 'conversations', "
             "'messages', 'instruction'/'output' or 'text'",
         )
-    system = _system_and_tools(record)
+    system = _system(record)
     if system and not (messages and messages[0]["role"] == "system"):
         messages.insert(0, {"role": "system", "content": system})
-    check_conversation(messages, key)
+    check_conversation(messages, key, tool_after_answer=key == "conversations")
     return messages
+
+
+def record_to_conversation(record: dict) -> dict:
+    """A training conversation: {"messages": checked messages, "tools": definitions or None}."""
+    return {"messages": record_to_messages(record), "tools": parse_tools(record.get("tools"))}
 
 
 def record_to_text(record: dict) -> str:
@@ -331,7 +469,7 @@ def record_to_text(record: dict) -> str:
 
 
 CONVERTERS = {
-    "conversation": lambda record: {"messages": record_to_messages(record)},
+    "conversation": record_to_conversation,
     "text": lambda record: {"text": record_to_text(record)},
 }
 
@@ -406,20 +544,24 @@ def log_reports(train_report: DataReport, eval_report: DataReport, eval_rows: li
 QUERY_TEXT_KEYS = ("question", "query", "prompt", "instruction")
 
 
-def query_to_messages(record: dict) -> tuple[list[dict], str | None]:
-    """An inference query as chat messages ending with a user turn, plus a reference answer if the record
-    carried one (a trailing assistant turn, or an `answer`/`output`/`response` field)."""
+def query_to_messages(record: dict) -> tuple[list[dict], str | None, list[dict] | None]:
+    """An inference query as chat messages ending with a user (or tool) turn, plus a reference answer if
+    the record carried one (a trailing assistant turn, or an `answer`/`output`/`response` field), plus the
+    record's tools. A trailing assistant turn that calls tools is dropped with no text reference."""
     if "conversations" in record or "messages" in record:
         key = "conversations" if "conversations" in record else "messages"
         role_key, content_key = ("from", "value") if key == "conversations" else ("role", "content")
         messages = _turns_from_list(record[key], key, role_key, content_key)
-        reference = messages.pop()["content"] if messages[-1]["role"] == "assistant" else None
-        system = _system_and_tools(record)
+        reference = None
+        if messages[-1]["role"] == "assistant":
+            last = messages.pop()
+            reference = None if last.get("tool_calls") else last["content"]
+        if not messages or messages[-1]["role"] not in PROMPT_ROLES:
+            raise RecordError("wrong role order", f"{key} must end with a user turn to be answered")
+        system = _system(record)
         if system and messages[0]["role"] != "system":
             messages.insert(0, {"role": "system", "content": system})
-        if messages[-1]["role"] not in PROMPT_ROLES:
-            raise RecordError("wrong role order", f"{key} must end with a user turn to be answered")
-        return messages, reference
+        return messages, reference, parse_tools(record.get("tools"))
     for key in QUERY_TEXT_KEYS:
         if key in record:
             text = _require_string(record[key], key)
@@ -427,14 +569,14 @@ def query_to_messages(record: dict) -> tuple[list[dict], str | None]:
             if not text.strip():
                 raise RecordError("empty text", f"{key} is empty")
             messages = []
-            system = _system_and_tools(record)
+            system = _system(record)
             if system:
                 messages.append({"role": "system", "content": system})
             messages.append({"role": "user", "content": f"{text}\n{extra}" if extra else text})
             reference = record.get("answer", record.get("output", record.get("response")))
-            return messages, reference if isinstance(reference, str) else None
+            return messages, reference if isinstance(reference, str) else None, parse_tools(record.get("tools"))
     if "text" in record:  # a line of a .txt file
-        return [{"role": "user", "content": _require_string(record["text"], "text")}], None
+        return [{"role": "user", "content": _require_string(record["text"], "text")}], None, None
     raise RecordError(
         "unknown format",
         f"query in no known format (keys: {', '.join(sorted(record)) or 'none'}); expected one of "
@@ -459,8 +601,8 @@ PREFERENCE_PAIRS = (("chosen", "rejected"), ("response_chosen", "response_reject
 
 def record_to_preference(record: dict) -> dict:
     """A preference pair as {"prompt": messages ending with a user (or tool) turn, "chosen": text,
-    "rejected": text}, from MedicalGPT's `conversations` + `chosen`/`rejected`, `question` +
-    `response_chosen`/`response_rejected`, or `prompt` (text or messages) + `chosen`/`rejected`."""
+    "rejected": text, "tools": definitions or None}, from MedicalGPT's `conversations` + `chosen`/`rejected`,
+    `question` + `response_chosen`/`response_rejected`, or `prompt` (text or messages) + `chosen`/`rejected`."""
     if "question" in record:
         chosen_key, rejected_key = PREFERENCE_PAIRS[1]
     else:
@@ -490,23 +632,25 @@ def record_to_preference(record: dict) -> dict:
         prompt = _turns_from_list(record["prompt"], "prompt", "role", "content")
     else:
         prompt = [{"role": "user", "content": _require_string(record["prompt"], "prompt")}]
-    system = _system_and_tools(record)
+    system = _system(record)
     if system and prompt[0]["role"] != "system":
         prompt.insert(0, {"role": "system", "content": system})
     # The prompt must be a conversation that an answer can follow.
-    check_conversation(prompt + [{"role": "assistant", "content": chosen}], "prompt")
-    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    answered = prompt + [{"role": "assistant", "content": chosen}]
+    check_conversation(answered, "prompt", tool_after_answer="conversations" in record)
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "tools": parse_tools(record.get("tools"))}
 
 
 CONVERTERS["preference"] = record_to_preference
 
 
 def question_record(record: dict, needs_answer: bool) -> dict:
-    """A question to answer during RL (GRPO, PPO): {"prompt": messages, "answer": reference or None}."""
-    messages, answer = query_to_messages(record)
+    """A question to answer during RL (GRPO, PPO): {"prompt": messages, "answer": reference or None,
+    "tools": definitions or None}."""
+    messages, answer, tools = query_to_messages(record)
     if needs_answer and not (isinstance(answer, str) and answer.strip()):
         raise RecordError("missing answer", "question has no 'answer', which the accuracy reward needs")
-    return {"prompt": messages, "answer": answer}
+    return {"prompt": messages, "answer": answer, "tools": tools}
 
 
 CONVERTERS["question"] = lambda record: question_record(record, needs_answer=False)

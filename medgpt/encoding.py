@@ -38,20 +38,20 @@ class PromptTooLong(ValueError):
     pass
 
 
-def shorten_prompt(messages: list[dict], chat_format, tokenizer, max_length: int) -> list[dict]:
+def shorten_prompt(messages: list[dict], chat_format, tokenizer, max_length: int, tools=None) -> list[dict]:
     """A one-exchange conversation whose prompt leaves no room for its answer, shortened so that the answer
     gets at least half of `max_length` (or all it needs): the user turn keeps its last tokens (the question
     is usually at its end), the template's assistant header stays, and the system turn stays when it takes
     at most half of what the prompt may use."""
     has_system = messages[0]["role"] == "system"
     user_index = 1 if has_system else 0
-    answer_text = chat_format.split(messages)[0][1]
+    answer_text = chat_format.split(messages, tools)[0][1]
     answer_length = len(_tokenize(tokenizer, answer_text))
     budget = max_length - min(answer_length, max(1, max_length // 2))
     content_ids = _tokenize(tokenizer, messages[user_index]["content"])
 
     def prompt_length(candidate):
-        return len(_tokenize(tokenizer, chat_format.split(candidate)[0][0]))
+        return len(_tokenize(tokenizer, chat_format.split(candidate, tools)[0][0]))
 
     def with_user_text(candidate, text):
         candidate = [dict(message) for message in candidate]
@@ -80,7 +80,7 @@ def shorten_prompt(messages: list[dict], chat_format, tokenizer, max_length: int
 
 
 def encode_conversation(messages, chat_format, tokenizer, max_length: int, train_on_inputs: bool = False,
-                        truncate_long_prompts: bool = True):
+                        truncate_long_prompts: bool = True, tools: list[dict] | None = None):
     """(input_ids, labels, truncated) for one conversation, at most `max_length` tokens.
 
     Too long: first drop the oldest exchanges; if the last exchange's prompt alone leaves no room for its
@@ -90,7 +90,7 @@ def encode_conversation(messages, chat_format, tokenizer, max_length: int, train
     """
     truncated = False
     while True:
-        input_ids, is_answer = encode_segments(chat_format.split(messages), tokenizer)
+        input_ids, is_answer = encode_segments(chat_format.split(messages, tools), tokenizer)
         if len(input_ids) <= max_length:
             break
         truncated = True
@@ -101,8 +101,8 @@ def encode_conversation(messages, chat_format, tokenizer, max_length: int, train
         if not any(is_answer[:max_length]):
             if not truncate_long_prompts:
                 raise PromptTooLong(f"the prompt alone is longer than {max_length} tokens")
-            messages = shorten_prompt(messages, chat_format, tokenizer, max_length)
-            input_ids, is_answer = encode_segments(chat_format.split(messages), tokenizer)
+            messages = shorten_prompt(messages, chat_format, tokenizer, max_length, tools)
+            input_ids, is_answer = encode_segments(chat_format.split(messages, tools), tokenizer)
         if len(input_ids) > max_length:
             cut = max(i for i in range(max_length) if is_answer[i]) + 1
             input_ids, is_answer = input_ids[:cut], is_answer[:cut]
@@ -121,7 +121,8 @@ def encode_conversations(records, chat_format, tokenizer, max_length, train_on_i
     for record in records:
         try:
             input_ids, labels, truncated = encode_conversation(
-                record["messages"], chat_format, tokenizer, max_length, train_on_inputs, truncate_long_prompts
+                record["messages"], chat_format, tokenizer, max_length, train_on_inputs, truncate_long_prompts,
+                record.get("tools"),
             )
         except PromptTooLong as error:
             if not skip_invalid:
@@ -166,7 +167,8 @@ def preference_texts(record: dict, chat_format) -> tuple[str, str, str]:
     with the template's end-of-turn, split exactly as SFT splits an answer from its prompt."""
     texts = {}
     for key in ("chosen", "rejected"):
-        segments = chat_format.split(record["prompt"] + [{"role": "assistant", "content": record[key]}])
+        segments = chat_format.split(record["prompt"] + [{"role": "assistant", "content": record[key]}],
+                                     record.get("tools"))
         prompt = "".join(p + a for p, a in segments[:-1]) + segments[-1][0]
         texts[key] = (prompt, segments[-1][1])
     if texts["chosen"][0] != texts["rejected"][0]:

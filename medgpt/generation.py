@@ -99,8 +99,10 @@ class ChatModel:
             return [{"role": "system", "content": self.system_prompt}] + messages
         return messages
 
-    def _inputs(self, conversations: list[list[dict]]):
-        prompts = [self.chat_format.render(self.with_system(m), add_generation_prompt=True) for m in conversations]
+    def _inputs(self, conversations: list[list[dict]], tools: list | None = None):
+        tools = tools or [None] * len(conversations)
+        prompts = [self.chat_format.render(self.with_system(m), add_generation_prompt=True, tools=t)
+                   for m, t in zip(conversations, tools, strict=True)]
         encoded = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
         return encoded.to(self.model.device)
 
@@ -112,14 +114,17 @@ class ChatModel:
         )
 
     @torch.inference_mode()
-    def answer_batch(self, conversations: list[list[dict]], generation: GenerationArguments, batch_size: int = 8) -> list[str]:
-        """One answer per conversation, in the same order, generated `batch_size` at a time."""
+    def answer_batch(self, conversations: list[list[dict]], generation: GenerationArguments, batch_size: int = 8,
+                     tools: list | None = None) -> list[str]:
+        """One answer per conversation, in the same order, generated `batch_size` at a time; `tools`, when
+        given, holds each conversation's tool definitions (or None)."""
         from tqdm.auto import tqdm
 
         torch.manual_seed(generation.seed)
         answers = []
         for start in tqdm(range(0, len(conversations), batch_size), desc="generating", unit="batch"):
-            inputs = self._inputs(conversations[start : start + batch_size])
+            inputs = self._inputs(conversations[start : start + batch_size],
+                                  tools[start : start + batch_size] if tools else None)
             output = self.model.generate(**inputs, **self._generate_kwargs(generation))
             new_tokens = output[:, inputs["input_ids"].shape[1] :]
             answers += [text.strip() for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]

@@ -35,7 +35,8 @@ def test_medicalgpt_conversations_with_chosen_and_rejected():
 
 def test_question_with_response_chosen_and_rejected():
     pair = record_to_preference({"question": "Q?", "response_chosen": "good", "response_rejected": "bad", "system": "S"})
-    assert pair == {"prompt": [{"role": "system", "content": "S"}, {"role": "user", "content": "Q?"}], "chosen": "good", "rejected": "bad"}
+    assert pair == {"prompt": [{"role": "system", "content": "S"}, {"role": "user", "content": "Q?"}], "chosen": "good", "rejected": "bad",
+                    "tools": None}
 
 
 def test_prompt_as_text_or_messages_and_responses_as_message_lists():
@@ -66,7 +67,8 @@ def test_the_real_medicalgpt_preference_and_grpo_files_load_unchanged():
     pairs = load_records(os.path.join(FIXTURES, "reward"), "preference", report, skip_invalid=False)
     assert report.read == len(pairs) > 500
     tool_turns = [pair for pair in pairs if pair["prompt"][-1]["role"] == "tool"]
-    assert tool_turns and "get_weather" in tool_turns[0]["prompt"][0]["content"]  # tools ride in the system turn
+    assert tool_turns and tool_turns[0]["tools"][0]["function"]["name"] == "get_weather"  # tools ride beside the messages
+    assert tool_turns[0]["prompt"][-2]["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": {"city": "北京"}}
     questions = load_records(os.path.join(FIXTURES, "grpo"), "question", DataReport("grpo"), skip_invalid=False,
                              converter=lambda record: question_record(record, needs_answer=True))
     assert questions[0]["prompt"] == [{"role": "user", "content": "肛门病变可能是什么疾病的症状?"}]

@@ -6,7 +6,7 @@ import os
 import pytest
 
 from conftest import FIXTURES, run_script, tiny_training_flags
-from medgpt.data import DataReport, load_records, query_to_messages, record_to_messages
+from medgpt.data import CONVERTERS, DataReport, RecordError, load_records, query_to_messages, record_to_messages
 from medgpt.errors import InputError
 
 
@@ -34,20 +34,131 @@ def test_sharegpt_with_system_prompt_key_and_multi_turn():
     ]
 
 
+def call(name, arguments=None, **extra):
+    return {**extra, "type": "function", "function": {"name": name, "arguments": arguments or {}}}
+
+
 def test_sharegpt_tool_call_turns_and_tools():
     record = {
-        "tools": [{"name": "lookup_drug"}],
+        "tools": [{"name": "lookup_drug", "description": "Drug facts", "parameters": {"type": "object", "properties": {}}}],
         "conversations": [
             {"from": "human", "value": "Dose of ibuprofen?"},
-            {"from": "function_call", "value": '{"name": "lookup_drug"}'},
+            {"from": "function_call", "value": '{"name": "lookup_drug", "arguments": {"drug": "ibuprofen"}}'},
             {"from": "observation", "value": '{"dose": "200-400 mg"}'},
             {"from": "gpt", "value": "200-400 mg every 6-8 hours."},
         ],
     }
+    converted = CONVERTERS["conversation"](record)
+    assert converted["messages"] == [
+        {"role": "user", "content": "Dose of ibuprofen?"},
+        {"role": "assistant", "content": "", "tool_calls": [call("lookup_drug", {"drug": "ibuprofen"})]},
+        {"role": "tool", "content": '{"dose": "200-400 mg"}'},
+        {"role": "assistant", "content": "200-400 mg every 6-8 hours."},
+    ]
+    # Tools travel beside the messages, not in a system turn; bare function definitions are wrapped.
+    assert converted["tools"] == [{"type": "function", "function": record["tools"][0]}]
+
+
+def test_consecutive_function_call_turns_are_one_assistant_turn_with_several_calls():
+    record = {"conversations": [
+        {"from": "human", "value": "BMI and dose for 70 kg?"},
+        {"from": "function_call", "value": '{"name": "bmi", "arguments": {"kg": 70, "m": 1.75}}'},
+        {"from": "function_call", "value": '{"name": "dose", "arguments": "{\\"kg\\": 70}"}'},
+        {"from": "observation", "value": '{"bmi": 22.9}'},
+        {"from": "observation", "value": '{"dose": "500 mg"}'},
+        {"from": "gpt", "value": "BMI 22.9; 500 mg."},
+    ]}
     messages = record_to_messages(record)
-    assert [m["role"] for m in messages] == ["system", "user", "assistant", "tool", "assistant"]
-    assert '"lookup_drug"' in messages[0]["content"]
-    assert messages[2]["content"] == '{"name": "lookup_drug"}'
+    assert [m["role"] for m in messages] == ["user", "assistant", "tool", "tool", "assistant"]
+    assert messages[1]["tool_calls"] == [call("bmi", {"kg": 70, "m": 1.75}), call("dose", {"kg": 70})]
+
+
+def test_openai_tool_calls_with_string_arguments_are_parsed():
+    record = {
+        "tools": json.dumps([{"type": "function", "function": {"name": "bmi", "parameters": {"type": "object"}}}]),
+        "messages": [
+            {"role": "user", "content": "My BMI? 70 kg, 1.75 m."},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "call_1", "type": "function", "function": {"name": "bmi", "arguments": '{"kg": 70, "m": 1.75}'}},
+            ]},
+            {"role": "tool", "tool_call_id": "call_1", "name": "bmi", "content": '{"bmi": 22.9}'},
+            {"role": "assistant", "content": "22.9, in the normal range."},
+        ],
+    }
+    converted = CONVERTERS["conversation"](record)
+    assert converted["messages"][1] == {"role": "assistant", "content": "", "tool_calls": [call("bmi", {"kg": 70, "m": 1.75}, id="call_1")]}
+    assert converted["messages"][2] == {"role": "tool", "content": '{"bmi": 22.9}', "tool_call_id": "call_1", "name": "bmi"}
+    assert converted["tools"] == [{"type": "function", "function": {"name": "bmi", "parameters": {"type": "object"}}}]
+    # Content may be missing when there are calls; a conversation may end with a call (it is trained on).
+    del record["messages"][1]["content"]
+    assert record_to_messages({"messages": record["messages"][:2]})[1]["content"] == ""
+    assert CONVERTERS["conversation"]({"messages": record["messages"][:1] + [{"role": "assistant", "content": "A"}]})["tools"] is None
+
+
+def test_glaive_tool_call_file_gives_calls_and_tools():
+    records = load_records(os.path.join(FIXTURES, "sft", "glaive_toolcall_zh_demo.jsonl"), "conversation", DataReport("train"), skip_invalid=False)
+    assert len(records) == 300
+    assistant_calls = [m for r in records for m in r["messages"] if m.get("tool_calls")]
+    assert sum(1 for r in records if any(m.get("tool_calls") for m in r["messages"])) == 157
+    assert sum(len(m["tool_calls"]) for m in assistant_calls) == 216
+    assert all(m["content"] == "" and isinstance(c["function"]["arguments"], dict) for m in assistant_calls for c in m["tool_calls"])
+    first = records[0]["messages"]
+    assert [m["role"] for m in first] == ["user", "assistant", "tool", "assistant"]
+    assert first[1]["tool_calls"][0]["function"] == {"name": "generate_invoice", "arguments": {
+        "customer_name": "约翰·多伊", "items": [{"name": "苹果", "quantity": 2, "price": 1}, {"name": "香蕉", "quantity": 3, "price": 0.5}]}}
+    assert [t["function"]["name"] for t in records[0]["tools"]] == ["generate_invoice", "generate_password"]
+    assert set(records[0]["tools"][0]) == {"type", "function"} and set(records[0]["tools"][0]["function"]) == {"name", "description", "parameters"}
+    assert sum(1 for r in records if r["tools"]) == 200 and all(r["tools"] is None for r in records if not r["tools"])  # "[]": no tools
+    assert not any(m["role"] == "system" for r in records for m in r["messages"])  # nothing pasted into a system turn
+    # Two lines give a tool result after an answer that wrote its call as text: kept, as ShareGPT data has it.
+    assert [m["role"] for m in records[197]["messages"]][:4] == ["user", "assistant", "tool", "assistant"]
+
+
+BAD_TOOL_RECORDS = [
+    ({"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": None, "tool_calls": [
+        {"type": "function", "function": {"name": "bmi", "arguments": "{kg: 70}"}}]}]},
+     "malformed tool call", r"messages\[1\]\.tool_calls\[0\]\.function\.arguments is not a JSON object \(Expecting"),
+    ({"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": None, "tool_calls": [
+        {"type": "function", "function": {"name": "bmi", "arguments": "[70]"}}]}]},
+     "malformed tool call", r"messages\[1\]\.tool_calls\[0\]\.function\.arguments is not a JSON object \(got list\)"),
+    ({"conversations": [{"from": "human", "value": "Q"}, {"from": "function_call", "value": "bmi(70)"}]},
+     "malformed tool call", r"conversations\[1\]\.value is not a JSON tool call"),
+    ({"conversations": [{"from": "human", "value": "Q"}, {"from": "function_call", "value": '{"arguments": {}}'}]},
+     "malformed tool call", r"conversations\[1\]\.value has no string 'name'"),
+    ({"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "Let me look."},
+                   {"role": "tool", "content": "{}"}, {"role": "assistant", "content": "A"}]},
+     "tool turn without a call", r"messages\[2\] is a 'tool' turn, but the assistant turn before it \(messages\[1\]\) calls no tool"),
+    ({"conversations": [{"from": "human", "value": "Q"}, {"from": "observation", "value": "{}"}, {"from": "gpt", "value": "A"}]},
+     "wrong role order", r"conversations\[1\] is a 'tool' turn where a 'assistant' turn belongs"),
+    ({"conversations": [{"from": "observation", "value": "{}"}, {"from": "gpt", "value": "A"}]},
+     "wrong role order", r"conversations\[0\] is a 'tool' turn where a 'user' turn belongs"),
+    ({"conversations": [{"from": "human", "value": "Q"}, {"from": "function_call", "value": '{"name": "bmi"}'},
+                        {"from": "human", "value": "and?"}, {"from": "gpt", "value": "A"}]},
+     "wrong role order", r"conversations\[2\] is a 'user' turn where a 'tool' turn belongs \(the results of conversations\[1\]'s tool calls\)"),
+    ({"messages": [{"role": "user", "content": "Q", "tool_calls": [{"name": "bmi"}]}, {"role": "assistant", "content": "A"}]},
+     "malformed tool call", r"messages\[0\] is a 'user' turn with tool_calls"),
+    ({"tools": {"name": "bmi"}, "conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]},
+     "malformed tools", "tools must be a list of tool definitions, got dict"),
+    ({"tools": '[{"name": "bmi"}, {"description": "no name"}]', "conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]},
+     "malformed tools", r"tools\[1\] is not a function definition with a string 'name'"),
+    ({"tools": "[{", "conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]},
+     "malformed tools", "tools is not valid JSON"),
+]
+
+
+@pytest.mark.parametrize("record, kind, message", BAD_TOOL_RECORDS, ids=[kind for _, kind, _ in BAD_TOOL_RECORDS])
+def test_bad_tool_records_are_located(record, kind, message):
+    with pytest.raises(RecordError, match=message) as error:
+        CONVERTERS["conversation"](record)
+    assert error.value.kind == kind
+
+
+def test_sharegpt_observation_after_a_plain_answer_is_kept_but_not_in_openai_messages():
+    turns = [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "Calling bmi {kg: 70}"}, {"from": "observation", "value": "{}"},
+             {"from": "gpt", "value": "A"}]
+    assert [m["role"] for m in record_to_messages({"conversations": turns})] == ["user", "assistant", "tool", "assistant"]
+    with pytest.raises(RecordError, match="calls no tool"):
+        record_to_messages({"messages": [{"role": t["from"], "content": t["value"]} for t in turns]})
 
 
 def test_openai_messages_format():
@@ -119,9 +230,17 @@ def test_real_medicalgpt_files_load_unchanged(relative, kind, count):
 
 
 def test_inference_queries():
-    assert query_to_messages({"question": "Q?", "answer": "A"}) == ([{"role": "user", "content": "Q?"}], "A")
-    messages, reference = query_to_messages({"conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "R"}]})
-    assert messages == [{"role": "user", "content": "Q"}] and reference == "R"
+    assert query_to_messages({"question": "Q?", "answer": "A"}) == ([{"role": "user", "content": "Q?"}], "A", None)
+    messages, reference, tools = query_to_messages({"conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "R"}]})
+    assert messages == [{"role": "user", "content": "Q"}] and reference == "R" and tools is None
+    messages, reference, tools = query_to_messages({"system": "S", "question": "Q?", "tools": [{"name": "bmi"}]})
+    assert messages == [{"role": "system", "content": "S"}, {"role": "user", "content": "Q?"}]
+    assert tools == [{"type": "function", "function": {"name": "bmi"}}]
+    # A trailing call is no text reference; a query with nothing left to answer is refused, not a crash.
+    calls = [{"from": "human", "value": "Q"}, {"from": "function_call", "value": '{"name": "bmi"}'}]
+    assert query_to_messages({"conversations": calls})[:2] == ([{"role": "user", "content": "Q"}], None)
+    with pytest.raises(RecordError, match="must end with a user turn"):
+        query_to_messages({"conversations": [{"from": "gpt", "value": "A"}]})
 
 
 BAD_RECORDS = [
