@@ -131,3 +131,43 @@ def test_auto_uses_the_models_own_template_and_splits_it(tokenizer):
     pairs = own.split(CONVERSATION)
     assert "".join(p + a for p, a in pairs) == own.render(CONVERSATION)
     assert [a.split("<|im_end|>")[0] for _, a in pairs] == [CONVERSATION[2]["content"], CONVERSATION[4]["content"]]
+
+
+@pytest.mark.parametrize("template_name", ["qwen", "qwen3", "chatml", "llama3.1", "deepseek"])
+def test_tool_use_records_train_on_the_calls_and_answers_only(tokenizer, template_name):
+    """MedicalGPT's glaive tool-call sample: the trained tokens are exactly the answers (calls included) with
+    their end-of-turn; tool definitions, questions and tool results are never trained on."""
+    import json
+    import os
+
+    from conftest import FIXTURES
+    from medgpt.data import load_records
+
+    chat_format = ChatFormat.for_model(template_name, tokenizer)
+    template = chat_format.template
+    records = load_records(os.path.join(FIXTURES, "sft", "glaive_toolcall_zh_demo.jsonl"), "conversation",
+                           DataReport("train"), skip_invalid=False)
+    if template_name == "llama3.1":  # one call per answer in Llama 3.1's format
+        records = [r for r in records if all(len(m.get("tool_calls", [])) <= 1 for m in r["messages"])]
+    with_calls = [r for r in records if any(m.get("tool_calls") for m in r["messages"])]
+    assert len(with_calls) >= 100
+    for record in with_calls[:40]:
+        messages, tools = record["messages"], record["tools"]
+        input_ids, labels, truncated = encode_conversation(messages, chat_format, tokenizer, 4096, tools=tools)
+        assert not truncated
+        pairs = chat_format.split(messages, tools)
+        trained = [token for token, label in zip(input_ids, labels) if label != IGNORE_INDEX]
+        assert tokenizer.decode(trained) == "".join(answer for _, answer in pairs)
+        prompts = "".join(prompt for prompt, _ in pairs)
+        for message in messages:
+            if message["role"] in ("user", "tool"):
+                quoted = json.dumps(message["content"], ensure_ascii=False)[1:21]  # Llama 3.1 quotes results
+                assert message["content"].strip()[:20] in prompts or quoted in prompts
+        if tools and template.tools.system_jinja():  # definitions are written into the prompt, never trained
+            assert tools[0]["function"]["name"] in pairs[0][0]
+        # Every call is in a trained answer and the parser reads it back.
+        answers = [answer for _, answer in pairs]
+        for message, answer in zip([m for m in messages if m["role"] == "assistant"], answers):
+            expected = [{"type": "function", "function": call["function"]} for call in message.get("tool_calls", [])]
+            stop = min((answer.find(w) for w in chat_format.template.stop_words if w in answer), default=len(answer))
+            assert chat_format.parse_tool_calls(answer[:stop])[1] == expected

@@ -55,6 +55,35 @@ def test_sft_lora_on_the_real_medicalgpt_files(tiny_model_dir, tmp_path):
     assert os.listdir(out / "runs"), "TensorBoard logs"
 
 
+def test_sft_on_tool_calls_saves_a_template_that_renders_the_training_text(tiny_model_dir, tmp_path):
+    import shutil
+
+    from medgpt.data import DataReport, load_records
+    from template import get_template
+
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(os.path.join(FIXTURES, "sft", "glaive_toolcall_zh_demo.jsonl"), data)
+    out = tmp_path / "sft_tools"
+    result = run_script(
+        "supervised_finetuning.py", "--model_name_or_path", tiny_model_dir, "--train_file_dir", str(data),
+        "--use_peft", "True", "--template_name", "qwen", *tiny_training_flags(out),
+        "--per_device_train_batch_size", "1",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "train: read 300 records, kept 300" in result.stderr
+    assert all(0 < loss < 20 for loss in losses(out))
+    # The saved template renders tool definitions, calls and results exactly as training did.
+    saved = AutoTokenizer.from_pretrained(out)
+    qwen = get_template("qwen")
+    special = {"bos_token": saved.bos_token or "", "eos_token": saved.eos_token or ""}
+    records = load_records(str(data), "conversation", DataReport("train"), skip_invalid=False)
+    record = next(r for r in records if r["tools"] and any(m.get("tool_calls") for m in r["messages"]))
+    training_text = "".join(p + a for p, a in qwen.split(record["messages"], tools=record["tools"], **special))
+    assert saved.apply_chat_template(record["messages"], tools=record["tools"], tokenize=False) == training_text
+    assert "<tool_call>\n{\"name\": \"generate_invoice\"" in training_text
+
+
 def test_sft_full_weights_from_a_config_file_with_cli_override(tiny_model_dir, tmp_path):
     out = tmp_path / "full"
     config = tmp_path / "sft.yaml"
