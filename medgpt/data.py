@@ -658,9 +658,16 @@ CONVERTERS["question"] = lambda record: question_record(record, needs_answer=Fal
 
 def load_question_splits(data_args, seed: int, needs_answer: bool):
     """Training and validation questions for RL stages, their counts logged."""
-    train, evaluation, train_report, eval_report = load_splits(
-        data_args, "question", seed, converter=lambda record: question_record(record, needs_answer)
-    )
+    def convert(record):
+        question = question_record(record, needs_answer)
+        # RL prompts go through datasets.Dataset, which merges the keys of every row's call arguments
+        # ({"x": 1} becomes {"x": 1, "y": None}) and would change what the template renders.
+        if question["tools"] or any(message.get("tool_calls") for message in question["prompt"]):
+            raise RecordError("tool use in an RL question", "tool definitions and calls are not supported by the "
+                              "RL stages (GRPO, PPO); train tool use with SFT, DPO or ORPO")
+        return question
+
+    train, evaluation, train_report, eval_report = load_splits(data_args, "question", seed, converter=convert)
     train_report.kept, eval_report.kept = len(train), len(evaluation)
     log_reports(train_report, eval_report, evaluation)
     strip = lambda rows: [{"prompt": row["prompt"], "answer": row["answer"]} for row in rows]  # noqa: E731

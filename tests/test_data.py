@@ -353,3 +353,18 @@ def test_validation_split_percentage_and_sample_caps(tmp_path):
     assert (len(train), len(evaluation)) == (5, 0)
     train_report.kept = len(train)
     assert train_report.summary() == "train: read 40 records, kept 5, truncated 0, rejected 0, left out 35 (over --max_train_samples)"
+
+
+def test_rl_questions_with_tools_are_refused_with_their_line_or_counted(tmp_path):
+    from medgpt.arguments import DataArguments
+    from medgpt.data import load_question_splits
+    from medgpt.errors import InputError
+
+    records = [{"question": "Q1?", "answer": "A"},
+               {"question": "BMI of 70 kg, 1.75 m?", "answer": "22.9",
+                "tools": [{"name": "bmi", "parameters": {"type": "object"}}]}]
+    path = write_lines(tmp_path / "train.jsonl", records)
+    with pytest.raises(InputError, match=r"train.jsonl:2.*not supported by the RL stages"):
+        load_question_splits(DataArguments(train_file_dir=path), seed=1, needs_answer=True)
+    train, _ = load_question_splits(DataArguments(train_file_dir=path, skip_invalid_records=True), seed=1, needs_answer=True)
+    assert [row["prompt"][-1]["content"] for row in train] == ["Q1?"]
