@@ -396,6 +396,13 @@ class Template:
             return f"{{{{- {_literal(_OPEN)} ~ {expression} ~ {_literal(_CLOSE)} -}}}}"
         return f"{{{{- {expression} -}}}}"
 
+    def _header(self, after_results: str) -> str:
+        """A Jinja expression for the assistant header; `after_results` tells when tool results precede it."""
+        header = _expr(self.assistant.split(CONTENT)[0])
+        if self.tools is None or self.tools.header_after_results is None:
+            return header
+        return f"({_expr(self.tools.header_after_results)} if {after_results} else {header})"
+
     def _strip(self, role: str, variable: str) -> list[str]:
         return [f"{{%- set {variable} = {variable} | trim -%}}"] if role in self.strip_content else []
 
@@ -471,10 +478,7 @@ class Template:
                 "        {%- if message.tool_calls -%}",
                 *(tool_format.calls_jinja() if tool_format else [refuse_tools]),
                 "        {%- endif -%}"]
-        header_expr = _expr(header)
-        if tool_format and tool_format.header_after_results is not None:
-            header_expr = (f"({_expr(tool_format.header_after_results)} if not loop.first and "
-                           f"loop_messages[loop.index0 - 1]['role'] == 'tool' else {_expr(header)})")
+        header_expr = self._header("not loop.first and loop_messages[loop.index0 - 1]['role'] == 'tool'")
         out += [f"        {{{{- {header_expr} ~ think_prompt -}}}}",
                 "        " + self._answer(f"{_expr(self.answer_prefix)} ~ think_block ~ body ~ {_expr(end)}"
                                  + (f" ~ ({_expr(self.closing)} if loop.last and not add_generation_prompt else '')"
@@ -487,11 +491,7 @@ class Template:
                 "{%- if ns.system_pending -%}{{- raise_exception('this template puts the system prompt into a user "
                 "turn, but there is none') -}}{%- endif -%}",
                 "{%- if add_generation_prompt -%}"]
-        generation_header = _expr(header)
-        if tool_format and tool_format.header_after_results is not None:
-            generation_header = (f"({_expr(tool_format.header_after_results)} if loop_messages and "
-                                 f"loop_messages[-1]['role'] == 'tool' else {_expr(header)})")
-        out.append(f"    {{{{- {generation_header} -}}}}")
+        out.append("    {{- " + self._header("loop_messages and loop_messages[-1]['role'] == 'tool'") + " -}}")
         if self.thought:
             out.append("    {%- if enable_thinking is defined and not enable_thinking -%}"
                        f"{{{{- {_expr(self.thought.replace(CONTENT, ''))} -}}}}{{%- endif -%}}")

@@ -578,18 +578,6 @@ def _smollm2() -> dict:
     return _load_smollm2()
 
 
-@pytest.fixture(scope="session")
-def official_templates() -> dict[str, dict]:
-    """name -> {"chat_template", "bos_token", "eos_token"} from each family's own tokenizer_config.json."""
-    return _packaged()
-
-
-@pytest.fixture(scope="session")
-def smollm2_chat_template() -> str:
-    """SmolLM2-135M-Instruct's chat template, from the GGUF metadata key tokenizer.chat_template."""
-    return _smollm2()["chat_template"]
-
-
 # ----- one entry point for every family ------------------------------------------------------------------------
 
 @dataclass(frozen=True)

@@ -157,7 +157,7 @@ def test_renders_what_the_official_template_renders(official_renderers, name, ro
             return
     try:
         theirs = official(official_messages(name, messages), add_generation_prompt=add_generation_prompt, tools=tools)
-    except Exception as error:  # the official template refuses the conversation
+    except Exception:  # the official template refuses the conversation
         if (name, row) in DEVIATIONS:  # ours renders it, as documented
             template.render(messages, add_generation_prompt, tools=tools)
         else:  # ours refuses it too
