@@ -131,10 +131,18 @@ class ToolFormat:
         """Jinja lines run for the first user message when `tools` is given; they may rewrite `content`."""
         return []
 
+    def before_last_user_jinja(self) -> list[str]:
+        """Jinja lines run before the last user turn is written when `tools` is given; they may write text."""
+        return []
+
     def calls_jinja(self) -> list[str]:
         """Jinja lines that set `body` (the answer text before the end-of-turn marker) from `content` and
-        `message.tool_calls`."""
+        `message.tool_calls`; they may also set `lead` (the template's answer_prefix) to ''."""
         raise NotImplementedError
+
+    def result_jinja(self) -> list[str]:
+        """Jinja lines that write one tool result (`content`, the message is `message`)."""
+        return [f"{{{{- {_turn(self.result, 'content | tojson' if self.quote_results else 'content')} -}}}}"]
 
     def parse(self, text: str) -> tuple[str, list[dict]]:
         """(content, calls) of a generated answer (end-of-turn marker removed)."""
@@ -251,6 +259,66 @@ class DeepSeekTools(ToolFormat):
                 calls.append(_call(name.strip(), value))
         return (content, calls) if calls else (text, [])
 
+
+
+_MISTRAL_CALLS = re.compile(r"\[TOOL_CALLS\]\s*(\[.*\])", re.DOTALL)
+_MISTRAL_ID = ("{%- if not ID is defined or ID is none or ID | length != 9 -%}{{- raise_exception('the Mistral tool "
+               "format needs a 9-character id on every tool call and on its result (tool_call_id)') -}}{%- endif -%}")
+
+
+class MistralTools(ToolFormat):
+    """Mistral Instruct v0.3 ("v3"): definitions in an [AVAILABLE_TOOLS] block before the last user turn,
+    calls as a JSON list after [TOOL_CALLS] (the message's text is not written, as in Mistral's template),
+    each result in [TOOL_RESULTS] with the id of its call. Ids of 9 characters are required, as Mistral's
+    template requires them."""
+
+    def before_last_user_jinja(self):
+        # Mistral writes each definition's fields itself: text values unescaped, others as JSON.
+        return ["{%- set definitions = namespace(text='') -%}",
+                "{%- for tool in tools -%}",
+                "    {%- set function = tool.function if tool.function is defined else tool -%}",
+                "    {%- set fields = namespace(text='') -%}",
+                "    {%- for key, value in function.items() if key != 'return' -%}",
+                "        {%- set fields.text = fields.text ~ (', ' if not loop.first else '') ~ '\"' ~ key ~ '\": ' ~ "
+                "('\"' ~ value ~ '\"' if value is string else value | tojson) -%}",
+                "    {%- endfor -%}",
+                "    {%- set definitions.text = definitions.text ~ (', ' if not loop.first else '') ~ "
+                "'{\"type\": \"function\", \"function\": {' ~ fields.text ~ '}}' -%}",
+                "{%- endfor -%}",
+                "{{- '[AVAILABLE_TOOLS] [' ~ definitions.text ~ '][/AVAILABLE_TOOLS]' -}}"]
+
+    def calls_jinja(self):
+        return ["{%- set calls = namespace(text='') -%}",
+                "{%- for tool_call in message.tool_calls -%}",
+                f"    {_CALL}",
+                "    " + _MISTRAL_ID.replace("ID", "tool_call.id"),
+                "    {%- set calls.text = calls.text ~ (', ' if not loop.first else '') ~ (call | tojson)[:-1] ~ "
+                "', \"id\": \"' ~ tool_call.id ~ '\"}' -%}",
+                "{%- endfor -%}",
+                "{%- set body = '[TOOL_CALLS] [' ~ calls.text ~ ']' -%}",
+                "{%- set lead = '' -%}"]
+
+    def result_jinja(self):
+        return [_MISTRAL_ID.replace("ID", "message.tool_call_id"),
+                "{{- '[TOOL_RESULTS] {\"content\": ' ~ content ~ ', \"call_id\": \"' ~ message.tool_call_id ~ "
+                "'\"}[/TOOL_RESULTS]' -}}"]
+
+    def parse(self, text):
+        match = _MISTRAL_CALLS.search(text)
+        try:
+            values = json.loads(match.group(1)) if match else None
+        except json.JSONDecodeError:
+            values = None
+        if not isinstance(values, list) or not all(isinstance(v, dict) and isinstance(v.get("name"), str)
+                                                   for v in values):
+            return text, []
+        calls = []
+        for value in values:
+            call = _call(value["name"], value.get("arguments", {}))
+            if isinstance(value.get("id"), str):
+                call["id"] = value["id"]
+            calls.append(call)
+        return text[: match.start()], calls
 
 _ENVIRONMENT = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
 # As transformers renders chat templates: JSON without ASCII escapes, keys in the order given.
@@ -458,6 +526,9 @@ class Template:
                     *(["            {%- set content = content | trim -%}"] if self.strip_merged_turn else []),
                     "            {%- set ns.system_pending = false -%}",
                     "        {%- endif -%}"]
+        if tool_format and tool_format.before_last_user_jinja():
+            out += ["        {%- if tools and loop.index0 == ns.last_user -%}", *tool_format.before_last_user_jinja(),
+                    "        {%- endif -%}"]
         out += [f"        {{{{- {_turn(self.user, 'content')} -}}}}",
                 "    {%- elif message['role'] == 'tool' -%}"]
         if tool_format:
@@ -465,7 +536,7 @@ class Template:
             before_tool = "(not loop.last and loop_messages[loop.index0 + 1]['role'] == 'tool')"
             out += [f"        {{%- if not {after_tool} -%}}{{{{- {_expr(tool_format.results_open)} -}}}}",
                     f"        {{%- else -%}}{{{{- {_expr(tool_format.results_separator)} -}}}}{{%- endif -%}}",
-                    f"        {{{{- {_turn(tool_format.result, 'content | tojson' if tool_format.quote_results else 'content')} -}}}}",
+                    *tool_format.result_jinja(),
                     f"        {{%- if not {before_tool} -%}}{{{{- {_expr(tool_format.results_close)} -}}}}{{%- endif -%}}"]
         else:
             out += [*self._strip("tool", "content"), f"        {{{{- {_turn(self.tool or self.user, 'content')} -}}}}"]
@@ -475,12 +546,13 @@ class Template:
                 "        {%- set think_block = '' -%}"]
         out += self._thought_jinja()
         out += ["        {%- set body = content -%}",
+                f"        {{%- set lead = {_expr(self.answer_prefix)} -%}}",
                 "        {%- if message.tool_calls -%}",
                 *(tool_format.calls_jinja() if tool_format else [refuse_tools]),
                 "        {%- endif -%}"]
         header_expr = self._header("not loop.first and loop_messages[loop.index0 - 1]['role'] == 'tool'")
         out += [f"        {{{{- {header_expr} ~ think_prompt -}}}}",
-                "        " + self._answer(f"{_expr(self.answer_prefix)} ~ think_block ~ body ~ {_expr(end)}"
+                "        " + self._answer(f"lead ~ think_block ~ body ~ {_expr(end)}"
                                  + (f" ~ ({_expr(self.closing)} if loop.last and not add_generation_prompt else '')"
                                     if self.closing else ""), marks),
                 "    {%- else -%}",
@@ -651,6 +723,7 @@ register_template(
     stop_words=["{eos}"],
     system_placement="last_user",
     strip_content=("assistant",),
+    tools=MistralTools("mistral_v3", result="{content}"),
     bos_token="<s>",
 )
 # Mistral Small 3 / 3.1 ("v7"): a [SYSTEM_PROMPT] block.

@@ -21,9 +21,9 @@ def user(text):
 
 def assistant(text, calls=None):
     message = {"role": "assistant", "content": text}
-    if calls:
-        message["tool_calls"] = [{"type": "function", "function": {"name": name, "arguments": arguments}}
-                                 for name, arguments in calls]
+    if calls:  # (name, arguments, id); Mistral's format needs 9-character ids, the others ignore them
+        message["tool_calls"] = [{"type": "function", "function": {"name": name, "arguments": arguments}, "id": id}
+                                 for name, arguments, id in calls]
     return message
 
 
@@ -31,8 +31,8 @@ def system(text):
     return {"role": "system", "content": text}
 
 
-def tool(text):
-    return {"role": "tool", "content": text}
+def tool(text, call_id=None):
+    return {"role": "tool", "content": text, **({"tool_call_id": call_id} if call_id else {})}
 
 
 TOOLS = [
@@ -45,8 +45,8 @@ TOOLS = [
         "parameters": {"type": "object", "properties": {"name": {"type": "string", "description": "药品名"}},
                        "required": ["name"]}}},
 ]
-BMI_CALL = ("bmi", {"kg": 70, "m": 1.75})
-DRUG_CALL = ("drug_lookup", {"name": "布洛芬"})
+BMI_CALL = ("bmi", {"kg": 70, "m": 1.75}, "call00001")
+DRUG_CALL = ("drug_lookup", {"name": "布洛芬"}, "call00002")
 BMI_QUESTION = "What is my BMI? 70 kg, 1.75 m."
 
 # name -> (messages, tools). Rows ending with an answer are what training renders; rows ending with a user or
@@ -63,12 +63,13 @@ ROWS = {
     "prompt_system": ([system(SYS), user(Q1)], None),
     "prompt_multi": ([user(Q1), assistant(A1), user(Q2)], None),
     "tools_prompt": ([system(SYS), user(BMI_QUESTION)], TOOLS),
-    "tool_call": ([user(BMI_QUESTION), assistant("", [BMI_CALL]), tool('{"bmi": 22.9}'),
+    "tool_call": ([user(BMI_QUESTION), assistant("", [BMI_CALL]), tool('{"bmi": 22.9}', "call00001"),
                    assistant("Your BMI is 22.9, in the normal range.")], TOOLS),
     "tool_results": ([system(SYS), user("BMI 70 kg 1.75 m, and is ibuprofen safe?"),
-                      assistant("", [BMI_CALL, DRUG_CALL]), tool('{"bmi": 22.9}'), tool('{"布洛芬": "餐后服用"}'),
+                      assistant("", [BMI_CALL, DRUG_CALL]), tool('{"bmi": 22.9}', "call00001"),
+                      tool('{"布洛芬": "餐后服用"}', "call00002"),
                       assistant("BMI 22.9; take ibuprofen after meals.")], TOOLS),
-    "after_results": ([user(BMI_QUESTION), assistant("", [BMI_CALL]), tool('{"bmi": 22.9}')], TOOLS),
+    "after_results": ([user(BMI_QUESTION), assistant("", [BMI_CALL]), tool('{"bmi": 22.9}', "call00001")], TOOLS),
     "call_with_text": ([user(BMI_QUESTION), assistant("Let me compute that.", [BMI_CALL])], TOOLS),
     "reasoning": ([user(Q1), assistant("<think>\nAsk about duration first.\n</think>\n\nSince when?"), user(Q2),
                    assistant("<think>\nShort, no red flags.\n</think>\n\nRest and drink water.")], None),
@@ -104,7 +105,7 @@ DEVIATIONS = {
     **{("chatml", row): _SMOLLM2_TOOLS for row in TOOL_ROWS},
     ("deepseek", "tool_call"): _DEEPSEEK_CLOSE, ("deepseek", "after_results"): _DEEPSEEK_CLOSE,
     ("deepseek", "call_with_text"): _DEEPSEEK_TEXT,
-    **{("mistral_v3", row): _MISTRAL_V3 for row in ("chinese", "multi_system", "system")},
+    **{("mistral_v3", row): _MISTRAL_V3 for row in ("chinese", "multi_system", "system", "tool_results")},
     **{("mistral_v7", row): _MISTRAL_V7 for row in ("multi", "prompt", "prompt_multi", "single")},
 }
 # Templates whose official template writes no tool calls: ours refuse tools and calls with a clear error.
@@ -200,7 +201,7 @@ def test_split_joins_back_to_render_and_every_answer_ends_its_turn(name, thinkin
             elif messages[-1]["role"] == "assistant" or index < len(pairs) - 1:
                 assert any(word in answer for word in resolved_stop_words(template)), (row, answer)
             final_text = message["content"].split("</think>")[-1].strip()
-            if not (name == "llama3.1" and message.get("tool_calls")):  # Llama 3.1 writes only the call
+            if not (name in ("llama3.1", "mistral_v3") and message.get("tool_calls")):  # they write only the calls
                 assert final_text in answer and (not final_text or final_text not in prompt)
             for call in message.get("tool_calls", []):
                 assert call["function"]["name"] in answer  # the call is trained on
@@ -308,11 +309,17 @@ def test_the_parser_recovers_every_call_from_the_rendered_answers(name):
         pairs = template.split(messages, tools=tools)
         for (_, answer), message in zip(pairs, [m for m in messages if m["role"] == "assistant"]):
             content, calls = template.parse_tool_calls(without_end(template, answer))
-            assert calls == message.get("tool_calls", []), (row, answer)
-            if calls and name != "llama3.1":  # Llama 3.1's template writes no text beside a call
+            expected = message.get("tool_calls", [])
+            if name != "mistral_v3":  # only Mistral's format carries the calls' ids
+                expected = [{key: value for key, value in call.items() if key != "id"} for call in expected]
+            assert calls == expected, (row, answer)
+            if calls and name not in ("llama3.1", "mistral_v3"):  # their formats write no text beside a call
                 assert content.split("</think>")[-1].lstrip("\n") == message["content"]
             checked += len(calls)
     assert checked >= (2 if name == "llama3.1" else 4)
+    if name == "mistral_v3":
+        with pytest.raises(ValueError, match="9-character id on every tool call"):
+            template.render([user(BMI_QUESTION), assistant("", [("bmi", {"kg": 70}, None)])], tools=TOOLS)
     # Text that only looks like a call stays text.
     assert template.parse_tool_calls("The tags <tool_call> and </tool_call> mark calls.")[1] == []
     assert template.parse_tool_calls("Your BMI is 22.9.") == ("Your BMI is 22.9.", [])
