@@ -50,7 +50,7 @@ def answer_file(chat_model: ChatModel, queries: list[dict], args: InferenceArgum
     for query, answer in zip(queries, answers, strict=True):
         row = {"input": query["messages"][-1]["content"], "output": answer}
         if query["tools"]:  # the calls the answer makes, read back in the template's format
-            row["tool_calls"] = chat_model.chat_format.parse_tool_calls(answer)[1]
+            row["output"], row["tool_calls"] = chat_model.chat_format.parse_tool_calls(answer, query["tools"])
         if query["reference"] is not None:
             row["reference"] = query["reference"]
         rows.append(row)
@@ -104,7 +104,7 @@ def main(argv=None):
         check_output_file(inference_args.output_file)
         if os.path.exists(inference_args.output_file) and os.path.samefile(inference_args.output_file, inference_args.data_file):
             raise InputError("--output_file is the --data_file: the answers would replace the questions", inference_args.output_file)
-    chat_model = ChatModel(model_args)
+    chat_model = ChatModel(model_args, queries_to_check=queries)
     if inference_args.interactive:
         chat_loop(chat_model, generation)
     else:

@@ -12,7 +12,9 @@ From the slots the template builds one Jinja chat_template, and everything else 
 jobs below can never drift apart:
   to_jinja()       -> the chat_template in plain Jinja2. The toolkit writes it into the tokenizer of every
                       saved model, so inference, the API, vLLM, llama.cpp and any other engine render exactly
-                      what training saw. to_jinja(mark_answers=True) adds transformers' {% generation %} blocks
+                      what training saw. (Tool definitions and call arguments are written with the engine's
+                      `tojson`: transformers and vLLM write JSON as training did; plain Jinja2's own filter
+                      sorts keys and escapes "<", ">", "&" and "'".) to_jinja(mark_answers=True) adds transformers' {% generation %} blocks
                       around each answer, for `return_assistant_tokens_mask=True`; other engines cannot parse
                       that tag, so it is never saved with a model.
   render(messages) -> the conversation as text (what the model sees): that Jinja, rendered.
@@ -52,6 +54,10 @@ from functools import cached_property
 import jinja2
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+class TemplateError(ValueError):
+    """A conversation the template cannot render (a role out of place, tools it has no format for, ...)."""
+
 
 CONTENT = "{content}"
 _SPECIAL = re.compile(r"(\{bos\}|\{eos\})")
@@ -99,6 +105,9 @@ def _json_object(text: str):
 
 
 def _call(name: str, arguments) -> dict:
+    """An OpenAI-shape call; arguments written as JSON text are read into an object when they hold one."""
+    if isinstance(arguments, str) and _json_object(arguments) is not None:
+        arguments = _json_object(arguments)
     return {"type": "function", "function": {"name": name, "arguments": arguments}}
 
 
@@ -154,7 +163,8 @@ _HERMES_TOOLS_INTRO = ("# Tools\n\nYou may call one or more functions to assist 
 _HERMES_TOOLS_OUTRO = ("\n</tools>\n\nFor each function call, return a json object with function name and arguments "
                        "within <tool_call></tool_call> XML tags:\n<tool_call>\n"
                        '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>')
-_HERMES_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
+# One block: never spans another <tool_call>; an unclosed last block (the answer ran out of tokens) counts.
+_HERMES_CALL = re.compile(r"<tool_call>\s*((?:(?!<tool_call>).)*?)\s*(?:</tool_call>|$)", re.DOTALL)
 
 
 class HermesTools(ToolFormat):
@@ -180,15 +190,18 @@ class HermesTools(ToolFormat):
                 "{%- set body = calls.text -%}"]
 
     def parse(self, text):
-        calls = []
+        calls, kept, position = [], [], 0
         for match in _HERMES_CALL.finditer(text):
             value = _json_object(match.group(1))
             if value is None or not isinstance(value.get("name"), str):
                 continue  # not a call the format can express: left in the content
             calls.append(_call(value["name"], value.get("arguments", {})))
+            kept.append(text[position: match.start()])
+            position = match.end()
         if not calls:
             return text, []
-        return text[: text.index("<tool_call>")].rstrip("\n"), calls
+        kept.append(text[position:])
+        return "\n".join(piece.strip("\n") for piece in kept if piece.strip()), calls
 
 
 _LLAMA31_TOOLS_NOTE = ("Given the following functions, please respond with a JSON for a function call with its proper "
@@ -261,7 +274,6 @@ class DeepSeekTools(ToolFormat):
 
 
 
-_MISTRAL_CALLS = re.compile(r"\[TOOL_CALLS\]\s*(\[.*\])", re.DOTALL)
 _MISTRAL_ID = ("{%- if not ID is defined or ID is none or ID | length != 9 -%}{{- raise_exception('the Mistral tool "
                "format needs a 9-character id on every tool call and on its result (tool_call_id)') -}}{%- endif -%}")
 
@@ -304,9 +316,9 @@ class MistralTools(ToolFormat):
                 "'\"}[/TOOL_RESULTS]' -}}"]
 
     def parse(self, text):
-        match = _MISTRAL_CALLS.search(text)
-        try:
-            values = json.loads(match.group(1)) if match else None
+        start = text.find("[TOOL_CALLS]")
+        try:  # the JSON list right after the marker; text after it is not part of the calls
+            values = json.JSONDecoder().raw_decode(text[start + len("[TOOL_CALLS]"):].lstrip())[0] if start >= 0 else None
         except json.JSONDecodeError:
             values = None
         if not isinstance(values, list) or not all(isinstance(v, dict) and isinstance(v.get("name"), str)
@@ -318,7 +330,8 @@ class MistralTools(ToolFormat):
             if isinstance(value.get("id"), str):
                 call["id"] = value["id"]
             calls.append(call)
-        return text[: match.start()], calls
+        return text[:start], calls
+
 
 _ENVIRONMENT = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
 # As transformers renders chat templates: JSON without ASCII escapes, keys in the order given.
@@ -418,11 +431,19 @@ class Template:
             prompt = after
         return pairs
 
-    def parse_tool_calls(self, text: str) -> tuple[str, list[dict]]:
+    def parse_tool_calls(self, text: str, tools: list[dict] | None = None) -> tuple[str, list[dict]]:
         """(content, calls) of a generated answer in this family's format; calls are OpenAI-shape
-        {"type": "function", "function": {"name": ..., "arguments": {...}}}. Without a ToolFormat, or when
-        the text holds no well-formed call, the text comes back whole with no calls."""
-        return self.tools.parse(text) if self.tools else (text, [])
+        {"type": "function", "function": {"name": ..., "arguments": {...}}}. Without a ToolFormat, when the
+        text holds no well-formed call, or (given `tools`) when a call names a function not among them, the
+        text comes back whole with no calls."""
+        if self.tools is None:
+            return text, []
+        content, calls = self.tools.parse(text)
+        if tools is not None:
+            known = {(tool.get("function") or tool).get("name") for tool in tools}
+            if any(call["function"]["name"] not in known for call in calls):
+                return text, []
+        return content, calls
 
     @property
     def generation_prompt(self) -> str:
@@ -434,7 +455,7 @@ class Template:
 
     def _render(self, messages, add_generation_prompt, tools, enable_thinking, bos_token, eos_token) -> str:
         def raise_exception(message):
-            raise ValueError(f"template {self.name!r}: {message}")
+            raise TemplateError(f"template {self.name!r}: {message}")
 
         return self._compiled.render(
             messages=list(messages), tools=tools or None, add_generation_prompt=add_generation_prompt,

@@ -66,9 +66,9 @@ class ChatFormat:
             done = through
         return pairs
 
-    def parse_tool_calls(self, text: str) -> tuple[str, list[dict]]:
+    def parse_tool_calls(self, text: str, tools: list[dict] | None = None) -> tuple[str, list[dict]]:
         """(content, calls) of a generated answer; a model's own chat_template comes with no parser."""
-        return self.template.parse_tool_calls(text) if self.template is not None else (text, [])
+        return self.template.parse_tool_calls(text, tools) if self.template is not None else (text, [])
 
     def install(self) -> None:
         """Make the tokenizer carry this format, so every model saved with it renders what training saw."""

@@ -45,6 +45,7 @@ ROLE_ALIASES = {
     "function_call": "assistant",  # the model's tool call is something it must learn to say
     "observation": "tool",
     "tool": "tool",
+    "function": "tool",  # OpenAI's older name for a tool result
 }
 PROMPT_ROLES = ("user", "tool")
 
@@ -343,6 +344,8 @@ def _turns_from_list(turns, key: str, role_key: str, content_key: str) -> list[d
             raise RecordError("unknown role", f"{where}.{role_key} is '{speaker}', expected one of {sorted(ROLE_ALIASES)}")
         role = ROLE_ALIASES[speaker]
         calls = turn.get("tool_calls") or None  # OpenAI writes null or [] for "no calls" too
+        if calls is None and turn.get("function_call"):  # OpenAI's older single-call field
+            calls = [{"type": "function", "function": turn["function_call"]}]
         if calls is not None and role != "assistant":
             raise RecordError(
                 "malformed tool call", f"{where} is a '{role}' turn with tool_calls: only assistant turns call tools"

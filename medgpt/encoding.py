@@ -114,9 +114,20 @@ def encode_conversation(messages, chat_format, tokenizer, max_length: int, train
     return input_ids, labels, truncated
 
 
+def refuse_or_count(error: Exception, record: dict, report: DataReport, skip_invalid: bool) -> None:
+    """A record the template cannot render (tools it has no format for, ...): an error naming the record's
+    line, or with --skip_invalid_records a counted rejection."""
+    if not skip_invalid:
+        path, _, line = record["source"].rpartition(":")
+        raise InputError(str(error), path, line) from None
+    report.reject("the template cannot render it", record["source"])
+
+
 def encode_conversations(records, chat_format, tokenizer, max_length, train_on_inputs, report: DataReport, skip_invalid: bool,
                          truncate_long_prompts: bool = True):
     """Encode every record; count truncations; a prompt too long to keep is an error or a counted rejection."""
+    from template import TemplateError  # template.py sits beside the scripts, like chat.py imports it
+
     rows = []
     for record in records:
         try:
@@ -132,6 +143,9 @@ def encode_conversations(records, chat_format, tokenizer, max_length, train_on_i
                     hint += " or --truncate_long_prompts True"
                 raise InputError(f"{error} ({hint})", path, line) from None
             report.reject("prompt longer than model_max_length", record["source"])
+            continue
+        except TemplateError as error:
+            refuse_or_count(error, record, report, skip_invalid)
             continue
         report.truncated += truncated
         rows.append({"input_ids": input_ids, "labels": labels})
@@ -191,15 +205,22 @@ def encode_preference(record, chat_format, tokenizer, max_length: int, max_promp
     return prompt_ids, chosen_ids[:room], rejected_ids[:room], True
 
 
-def encode_preferences(records, chat_format, tokenizer, max_length: int, max_prompt_length: int, report: DataReport):
+def encode_preferences(records, chat_format, tokenizer, max_length: int, max_prompt_length: int, report: DataReport,
+                       skip_invalid: bool = False):
     """Token ids for every preference pair; truncations are counted in the report, nothing is dropped."""
     if max_prompt_length >= max_length:
         raise InputError("--max_prompt_length must be smaller than --max_length, to leave room for the responses")
+    from template import TemplateError
+
     rows = []
     for record in records:
-        prompt_ids, chosen_ids, rejected_ids, truncated = encode_preference(
-            record, chat_format, tokenizer, max_length, max_prompt_length
-        )
+        try:
+            prompt_ids, chosen_ids, rejected_ids, truncated = encode_preference(
+                record, chat_format, tokenizer, max_length, max_prompt_length
+            )
+        except TemplateError as error:
+            refuse_or_count(error, record, report, skip_invalid)
+            continue
         report.truncated += truncated
         rows.append({"prompt_ids": prompt_ids, "chosen_ids": chosen_ids, "rejected_ids": rejected_ids})
     report.kept = len(rows)
@@ -211,7 +232,8 @@ def load_preference_rows(data_args, preference_args, chat_format, tokenizer, see
     from medgpt.data import load_splits, log_reports
 
     train, evaluation, train_report, eval_report = load_splits(data_args, "preference", seed)
-    lengths = dict(max_length=preference_args.max_length, max_prompt_length=preference_args.max_prompt_length)
+    lengths = dict(max_length=preference_args.max_length, max_prompt_length=preference_args.max_prompt_length,
+                   skip_invalid=data_args.skip_invalid_records)
     train_rows = encode_preferences(train, chat_format, tokenizer, report=train_report, **lengths)
     eval_rows = encode_preferences(evaluation, chat_format, tokenizer, report=eval_report, **lengths) if evaluation else []
     log_reports(train_report, eval_report, eval_rows)

@@ -8,6 +8,7 @@ import torch
 
 from medgpt.arguments import at_least, require
 from medgpt.chat import ChatFormat
+from medgpt.errors import InputError
 from medgpt.modeling import check_adapter_path, check_model_path, hub_kwargs, resolve_dtype, tokenizer_folder
 
 logger = logging.getLogger(__name__)
@@ -59,7 +60,9 @@ class InferenceModelArguments:
 class ChatModel:
     """A model, its tokenizer and the chat format it was trained with, ready to answer conversations."""
 
-    def __init__(self, args: InferenceModelArguments):
+    def __init__(self, args: InferenceModelArguments, queries_to_check: list[dict] = ()):
+        """`queries_to_check` ({"messages", "tools", "source"}) are rendered before the weights load, so a
+        conversation the template cannot render fails at once, naming its line."""
         from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
         base = check_model_path(args.base_model, "--base_model")
@@ -74,6 +77,9 @@ class ChatModel:
             self.tokenizer.pad_token = self.tokenizer.unk_token or self.tokenizer.eos_token
         self.chat_format = ChatFormat.for_model(args.template_name, self.tokenizer)
         self.system_prompt = args.system_prompt
+        for query in queries_to_check:
+            path, _, line = query["source"].rpartition(":")
+            self.prompt(query["messages"], query["tools"], where=(path, line))
 
         dtype = resolve_dtype(args.torch_dtype)
         kwargs = dict(hub_kwargs(base, trust_remote_code=args.trust_remote_code), dtype=dtype)
@@ -99,10 +105,18 @@ class ChatModel:
             return [{"role": "system", "content": self.system_prompt}] + messages
         return messages
 
+    def prompt(self, messages: list[dict], tools: list[dict] | None = None, where=(None, None)) -> str:
+        """The text a conversation is answered from; a conversation the template refuses is an InputError."""
+        from template import TemplateError
+
+        try:
+            return self.chat_format.render(self.with_system(messages), add_generation_prompt=True, tools=tools)
+        except TemplateError as error:
+            raise InputError(str(error), *where) from None
+
     def _inputs(self, conversations: list[list[dict]], tools: list | None = None):
         tools = tools or [None] * len(conversations)
-        prompts = [self.chat_format.render(self.with_system(m), add_generation_prompt=True, tools=t)
-                   for m, t in zip(conversations, tools, strict=True)]
+        prompts = [self.prompt(m, t) for m, t in zip(conversations, tools, strict=True)]
         encoded = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
         return encoded.to(self.model.device)
 
@@ -127,7 +141,19 @@ class ChatModel:
                                   tools[start : start + batch_size] if tools else None)
             output = self.model.generate(**inputs, **self._generate_kwargs(generation))
             new_tokens = output[:, inputs["input_ids"].shape[1] :]
-            answers += [text.strip() for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+            answers += self._decode(new_tokens, keep_special_tokens=bool(tools))
+        return answers
+
+    def _decode(self, new_tokens, keep_special_tokens: bool) -> list[str]:
+        """Answer texts. With tools, markers such as Mistral's [TOOL_CALLS] are special tokens that the
+        tool-call parser needs: they are kept, and each answer is cut at its first end-of-turn marker."""
+        if not keep_special_tokens:
+            return [text.strip() for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+        stops = {self.tokenizer.decode([token]) for token in self.stop_token_ids} | {self.tokenizer.pad_token or ""}
+        answers = []
+        for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=False):
+            cut = min((text.find(stop) for stop in stops if stop and stop in text), default=len(text))
+            answers.append(text[:cut].strip())
         return answers
 
     def stream_answer(self, messages: list[dict], generation: GenerationArguments):

@@ -21,6 +21,10 @@ from conftest import REPO, run_script
 
 GOOD = {"conversations": [{"from": "human", "value": "What is a fever?"}, {"from": "gpt", "value": "A raised body temperature."}]}
 PAIR = {"conversations": [{"from": "human", "value": "Can I take ibuprofen?"}], "chosen": "With food, yes.", "rejected": "Take double."}
+TOOLS = [{"name": "bmi", "description": "Body-mass index", "parameters": {"type": "object", "properties": {}}}]
+TOOL_USE = {"tools": TOOLS, "conversations": [
+    {"from": "human", "value": "BMI for 70 kg, 1.75 m?"}, {"from": "function_call", "value": '{"name": "bmi", "arguments": {"kg": 70}}'},
+    {"from": "observation", "value": '{"bmi": 22.9}'}, {"from": "gpt", "value": "22.9"}]}
 
 
 def jsonl(*records) -> str:
@@ -39,6 +43,9 @@ def make_inputs(tmp_path, tiny) -> dict:
                                     '  {"conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]}\n]\n',
         "same_pair": jsonl(dict(PAIR, rejected=PAIR["chosen"]), PAIR),
         "pairs": jsonl(PAIR, PAIR),
+        "tool_use": jsonl(GOOD, TOOL_USE, GOOD),
+        "tool_pairs": jsonl(PAIR, dict(PAIR, tools=TOOLS)),
+        "tool_questions": jsonl({"question": "What is a fever?"}, {"question": "BMI for 70 kg?", "tools": TOOLS}),
         "questions": jsonl({"question": "What is a fever?", "answer": "raised temperature"}),
         "config_float_steps.yaml": f"model_name_or_path: {tiny}\ntemplate_name: chatml\nmax_steps: 1.5\n",
         "config_broken.yaml": f"model_name_or_path: {tiny}\ntemplate_name: chatml\nreport_to: [none\nmax_steps: 2\n",
@@ -141,6 +148,15 @@ CASES = [
     ("chosen-equals-rejected", with_flag(DPO, "--train_file_dir", "{same_pair}"), 2,
      "{same_pair}:1: chosen and rejected are the same answer"),
     ("ppo-default-reward-needs-the-reward-model", PPO_DEFAULT_REWARD, 2, "--reward_funcs model needs --reward_model_path"),
+    # tool use with a template that has no tool format: refused with the record's line, before any work
+    ("sft-tools-with-a-template-without-tools", with_flag(with_flag(SFT, "--train_file_dir", "{tool_use}"), "--template_name", "llama3"), 2,
+     "{tool_use}:2: template 'llama3': template llama3 has no tool-call format"),
+    ("sft-tools-skipped-and-counted", with_flag(with_flag(SFT, "--train_file_dir", "{tool_use}"), "--template_name", "gemma")
+     + ["--skip_invalid_records", "True"], 0, "train: read 3 records, kept 2, truncated 0, rejected 1"),
+    ("dpo-tools-with-a-template-without-tools", with_flag(with_flag(DPO, "--train_file_dir", "{tool_pairs}"), "--template_name", "phi3"), 2,
+     "{tool_pairs}:2: template 'phi3': template phi3 has no tool-call format"),
+    ("inference-tools-refused-before-the-model-loads", with_flag(with_flag(INFER, "--data_file", "{tool_questions}"), "--template_name", "gemma"), 2,
+     "{tool_questions}:2: template 'gemma': template gemma has no tool-call format"),
 ]
 
 

@@ -368,3 +368,15 @@ def test_rl_questions_with_tools_are_refused_with_their_line_or_counted(tmp_path
         load_question_splits(DataArguments(train_file_dir=path), seed=1, needs_answer=True)
     train, _ = load_question_splits(DataArguments(train_file_dir=path, skip_invalid_records=True), seed=1, needs_answer=True)
     assert [row["prompt"][-1]["content"] for row in train] == ["Q1?"]
+
+
+def test_openai_legacy_function_call_field_and_function_role():
+    from medgpt.data import CONVERTERS
+
+    record = {"messages": [{"role": "user", "content": "BMI for 70 kg?"},
+                           {"role": "assistant", "content": None, "function_call": {"name": "bmi", "arguments": '{"kg": 70}'}},
+                           {"role": "function", "name": "bmi", "content": '{"bmi": 22.9}'},
+                           {"role": "assistant", "content": "22.9"}]}
+    messages = CONVERTERS["conversation"](record)["messages"]
+    assert messages[1]["tool_calls"] == [{"type": "function", "function": {"name": "bmi", "arguments": {"kg": 70}}}]
+    assert messages[2] == {"role": "tool", "content": '{"bmi": 22.9}', "name": "bmi"}
