@@ -2,7 +2,9 @@
 == render, the saved Jinja through plain Jinja2 and transformers (text and assistant masks), tool calls parsed
 back out of the answers."""
 
+import functools
 import json
+from types import SimpleNamespace
 
 import jinja2
 import pytest
@@ -136,21 +138,26 @@ def table():
             # A conversation that ends with an answer is what training renders: no generation prompt follows.
             ends_with_answer = ROWS[row][0][-1]["role"] == "assistant"
             for add_generation_prompt in (False,) if ends_with_answer else (False, True):
-                yield name, row, add_generation_prompt
+                # Thinking models: the default (thinking on), and enable_thinking=False.
+                for thinking in (None, False) if TEMPLATES[name].thought else (None,):
+                    yield name, row, add_generation_prompt, thinking
 
 
 def test_every_template_is_compared_with_its_official_template_on_at_least_12_conversations():
     assert set(OFFICIAL) == set(TEMPLATES) - {"medical_inquiry"}  # medical_inquiry is ours alone
     per_family = {}
-    for name, row, _ in table():
+    for name, row, _, _ in table():
         per_family.setdefault(name, set()).add(row)
     assert min(len(rows) for rows in per_family.values()) >= 12
 
 
-@pytest.mark.parametrize("name,row,add_generation_prompt", list(table()))
-def test_renders_what_the_official_template_renders(official_renderers, name, row, add_generation_prompt):
+@pytest.mark.parametrize("name,row,add_generation_prompt,thinking", list(table()))
+def test_renders_what_the_official_template_renders(official_renderers, name, row, add_generation_prompt, thinking):
     template, (messages, tools) = get_template(name), ROWS[row]
     official = official_renderers[OFFICIAL[name]]
+    if thinking is not None:  # the same switch for both
+        official = functools.partial(official, enable_thinking=thinking)
+        template = SimpleNamespace(render=functools.partial(template.render, enable_thinking=thinking))
     if tools or any(m.get("tool_calls") for m in messages):
         if name in NO_TOOLS:
             with pytest.raises(ValueError, match="has no tool-call format"):
