@@ -602,6 +602,17 @@ def _response_text(value, key: str) -> str:
 PREFERENCE_PAIRS = (("chosen", "rejected"), ("response_chosen", "response_rejected"))
 
 
+def request_messages(turns, tools=None) -> tuple[list[dict], list[dict] | None]:
+    """An API request's messages (OpenAI shape, ending with a user or tool turn) and tools, converted and
+    checked as training records are; a RecordError says what is wrong."""
+    messages = _turns_from_list(turns, "messages", "role", "content")
+    if messages[-1]["role"] not in PROMPT_ROLES:
+        raise RecordError("wrong role order", f"messages end with a '{messages[-1]['role']}' turn: the last one "
+                          "must be a user or tool turn to answer")
+    check_conversation(messages + [{"role": "assistant", "content": "."}], "messages")
+    return messages, parse_tools(tools)
+
+
 def record_to_preference(record: dict) -> dict:
     """A preference pair as {"prompt": messages ending with a user (or tool) turn, "chosen": text,
     "rejected": text, "tools": definitions or None}, from MedicalGPT's `conversations` + `chosen`/`rejected`,

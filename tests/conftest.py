@@ -56,6 +56,25 @@ def tiny_model_dir(tmp_path_factory, tokenizer_dir):
     return str(path)
 
 
+def make_random_adapter(model_dir: str, path, seed: int) -> str:
+    """A LoRA adapter with non-zero weights on every linear layer (a fresh one would change nothing)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    peft_model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def random_adapter(tiny_model_dir, tmp_path_factory):
+    return make_random_adapter(tiny_model_dir, tmp_path_factory.mktemp("adapter"), seed=1)
+
+
 # --standalone: a free rendezvous port, so runs in parallel test workers never collide.
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 

@@ -5,7 +5,6 @@ import json
 import os
 import sys
 
-import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -174,20 +173,6 @@ def test_torchrun_two_processes(tiny_model_dir, tmp_path):
     assert "training on 2 process(es)" in result.stderr
     assert trainer_state(out)["global_step"] == 2
     assert os.path.isfile(out / "adapter_model.safetensors")
-
-
-@pytest.fixture(scope="module")
-def random_adapter(tiny_model_dir, tmp_path_factory):
-    """A LoRA adapter with non-zero weights on every linear layer (a fresh one would change nothing)."""
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(1)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
-    path = tmp_path_factory.mktemp("adapter")
-    peft_model.save_pretrained(path)
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(path)
-    return str(path)
 
 
 def test_merged_model_matches_base_plus_adapter(tiny_model_dir, random_adapter, tmp_path):

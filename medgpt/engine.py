@@ -1,0 +1,266 @@
+"""One generation engine for serving: a worker thread owns the model and answers queued requests in batches.
+
+Requests are taken from the queue in waves of up to `max_batch_size`, left-padded into one batch and decoded
+together step by step, each row with its own sampling settings (temperature, top_p, top_k, seed, maximum
+length, stop strings). Only the worker thread touches the model, so concurrent callers never race on it.
+Text is streamed per request as it is decoded: a stop string is cut from the text, also when it arrives
+split over several tokens (text that could still become a stop string is held back until it cannot), and
+incomplete UTF-8 characters wait for their last byte. A request whose client went away is cancelled and
+stops using the batch; a full queue is refused at once (EngineBusy), never left to hang.
+"""
+
+import contextlib
+import logging
+import queue
+import threading
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+class EngineBusy(RuntimeError):
+    """The request queue is full."""
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no limit
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    keep_special_tokens: bool = False  # tool-call markers are special tokens the parser needs
+
+
+@dataclass
+class Finished:
+    """The last event of a request."""
+    reason: str  # "stop" (end of turn or a stop string), "length", "cancelled"
+    completion_tokens: int
+    prompt_tokens: int
+
+
+class Request:
+    """One prompt being answered. Events go to `sink`: text pieces (str), then one Finished."""
+
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, sink, adapter: str | None = None):
+        self.id = uuid.uuid4().hex
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.sink = sink
+        self.adapter = adapter  # a LoRA adapter's name, or None for the model as loaded
+        self.cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+class _Row:
+    """Decoding state of one request inside a batch."""
+
+    def __init__(self, request: Request, stop_strings: list[str], generator):
+        self.request = request
+        self.tokens: list[int] = []
+        self.sent = 0  # characters of the decoded text already emitted
+        self.stop_strings = stop_strings
+        self.generator = generator
+        self.done = False
+
+
+class GenerationEngine:
+    def __init__(self, model, tokenizer, stop_token_ids: list[int], context_length: int,
+                 max_batch_size: int = 8, max_queue: int = 64):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.stop_token_ids = set(stop_token_ids)
+        self.context_length = context_length
+        self.max_batch_size = max_batch_size
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop_token_ids or [0])[0]
+        self.max_queue = max_queue
+        self._pending: deque[Request] = deque()
+        self._ready = threading.Condition()
+        self._worker = threading.Thread(target=self._serve, name="generation-engine", daemon=True)
+        self._worker.start()
+
+    # ----- callers --------------------------------------------------------------------------------------
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, sink, adapter: str | None = None) -> Request:
+        """Queue a request; its events go to `sink` (called from the worker thread). EngineBusy when full."""
+        request = Request(prompt_ids, params, sink, adapter)
+        with self._ready:
+            if len(self._pending) >= self.max_queue:
+                raise EngineBusy(f"the server is busy: {self.max_queue} requests are waiting")
+            self._pending.append(request)
+            self._ready.notify()
+        return request
+
+    def stream(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None):
+        """Yield text pieces as they are generated; returns (via StopIteration.value) the Finished event.
+        Closing the generator early cancels the request."""
+        events: queue.Queue = queue.Queue()
+        request = self.submit(prompt_ids, params, events.put, adapter)
+        try:
+            while True:
+                event = events.get()
+                if isinstance(event, Finished):
+                    return event
+                yield event
+        finally:
+            request.cancel()
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None) -> tuple[str, Finished]:
+        """The whole answer and its Finished event."""
+        pieces, stream = [], self.stream(prompt_ids, params, adapter)
+        while True:
+            try:
+                pieces.append(next(stream))
+            except StopIteration as stop:
+                return "".join(pieces), stop.value
+
+    def max_new_tokens(self, prompt_length: int, requested: int) -> int:
+        """The answer length a prompt leaves room for in the context."""
+        return max(0, min(requested, self.context_length - prompt_length))
+
+    # ----- the worker -----------------------------------------------------------------------------------
+
+    def _next_batch(self) -> list[Request]:
+        """Up to max_batch_size waiting requests, oldest first, all for the same adapter."""
+        with self._ready:
+            while not self._pending:
+                self._ready.wait()
+            adapter = self._pending[0].adapter
+            batch = [request for request in self._pending if request.adapter == adapter][: self.max_batch_size]
+            for request in batch:
+                self._pending.remove(request)
+        return [request for request in batch if not self._skip_cancelled(request)]
+
+    def _adapter(self, name: str | None):
+        """The model with `name`'s LoRA adapter active, or (None) with adapters off."""
+        if not hasattr(self.model, "set_adapter"):
+            return contextlib.nullcontext()
+        if name is None:
+            return self.model.disable_adapter()
+        self.model.set_adapter(name)
+        return contextlib.nullcontext()
+
+    def _serve(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if not batch:
+                continue
+            try:
+                with self._adapter(batch[0].adapter):
+                    self._run(batch)
+            except Exception as error:  # never leave a caller waiting: report and finish every row
+                logger.exception("generation failed")
+                for request in batch:
+                    request.sink(Finished(f"error: {error}", 0, len(request.prompt_ids)))
+
+    @staticmethod
+    def _skip_cancelled(request: Request) -> bool:
+        if request.cancelled.is_set():
+            request.sink(Finished("cancelled", 0, len(request.prompt_ids)))
+            return True
+        return False
+
+    @torch.inference_mode()
+    def _run(self, batch: list[Request]) -> None:
+        device = self.model.device
+        longest = max(len(request.prompt_ids) for request in batch)
+        input_ids = torch.full((len(batch), longest), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((len(batch), longest), dtype=torch.long)
+        rows = []
+        for index, request in enumerate(batch):
+            ids = request.prompt_ids
+            input_ids[index, longest - len(ids):] = torch.tensor(ids, dtype=torch.long)
+            attention[index, longest - len(ids):] = 1
+            generator = None
+            if request.params.temperature > 0:
+                generator = torch.Generator(device="cpu")
+                generator.manual_seed(request.params.seed if request.params.seed is not None
+                                      else int.from_bytes(uuid.uuid4().bytes[:6], "little"))
+            rows.append(_Row(request, [s for s in request.params.stop if s], generator))
+        input_ids, attention = input_ids.to(device), attention.to(device)
+        steps = max(request.params.max_new_tokens for request in batch)
+        cache, next_input = None, input_ids
+        for step in range(steps):
+            positions = (attention.cumsum(-1) - 1).clamp(min=0)[:, -next_input.shape[1]:]
+            output = self.model(input_ids=next_input, attention_mask=attention, position_ids=positions,
+                                past_key_values=cache, use_cache=True)
+            cache = output.past_key_values
+            logits = output.logits[:, -1, :].float().cpu()
+            chosen = [self._sample(logits[index], row) for index, row in enumerate(rows)]
+            for row, token in zip(rows, chosen):
+                if not row.done:
+                    self._advance(row, token)
+            if all(row.done for row in rows):
+                break
+            next_input = torch.tensor(chosen, dtype=torch.long, device=device).unsqueeze(-1)
+            attention = torch.cat([attention, torch.ones((len(rows), 1), dtype=attention.dtype, device=device)], -1)
+
+    @staticmethod
+    def _sample(logits: torch.Tensor, row: _Row) -> int:
+        params = row.request.params
+        if row.done or params.temperature <= 0:
+            return int(logits.argmax())
+        logits = logits / params.temperature
+        if params.top_k > 0:
+            threshold = torch.topk(logits, min(params.top_k, logits.numel())).values[-1]
+            logits = logits.masked_fill(logits < threshold, float("-inf"))
+        probabilities = torch.softmax(logits, -1)
+        if params.top_p < 1:
+            ordered, order = probabilities.sort(descending=True)
+            outside = ordered.cumsum(-1) - ordered > params.top_p  # keep the smallest set reaching top_p
+            ordered[outside] = 0
+            probabilities = torch.zeros_like(probabilities).scatter(0, order, ordered)
+        return int(torch.multinomial(probabilities, 1, generator=row.generator))
+
+    def _advance(self, row: _Row, token: int) -> None:
+        request = row.request
+        if request.cancelled.is_set():
+            self._finish(row, "cancelled")
+            return
+        if token in self.stop_token_ids:
+            self._flush(row, final=True)
+            self._finish(row, "stop")
+            return
+        row.tokens.append(token)
+        if self._flush(row, final=False):
+            self._finish(row, "stop")
+        elif len(row.tokens) >= request.params.max_new_tokens:
+            self._flush(row, final=True)
+            self._finish(row, "length")
+
+    def _flush(self, row: _Row, final: bool) -> bool:
+        """Emit the decoded text not sent yet; True when a stop string ended the answer."""
+        text = self.tokenizer.decode(row.tokens, skip_special_tokens=not row.request.params.keep_special_tokens)
+        for stop in row.stop_strings:
+            at = text.find(stop, max(0, row.sent - len(stop) + 1))
+            if at >= 0:
+                if at > row.sent:
+                    row.request.sink(text[row.sent:at])
+                row.sent = at
+                return True
+        ready = len(text)
+        if not final:
+            if text.endswith("\ufffd"):  # a character whose last bytes are still to come
+                ready = len(text.rstrip("\ufffd"))
+            for stop in row.stop_strings:  # the tail that may still grow into a stop string
+                for size in range(min(len(stop) - 1, ready), 0, -1):
+                    if text[:ready].endswith(stop[:size]):
+                        ready -= size
+                        break
+        if ready > row.sent:
+            row.request.sink(text[row.sent:ready])
+            row.sent = ready
+        return False
+
+    def _finish(self, row: _Row, reason: str) -> None:
+        row.done = True
+        row.request.sink(Finished(reason, len(row.tokens), len(row.request.prompt_ids)))
+

@@ -1,0 +1,93 @@
+"""Serve a trained model through an OpenAI-compatible HTTP API.
+
+    python openai_api.py --base_model outputs/sft-merged --port 8000
+    python openai_api.py --base_model BASE --lora_modules doctor=outputs/sft nurse=outputs/sft2 --api_key KEY
+
+Then point any OpenAI client at http://127.0.0.1:8000/v1 (`model` picks the served model or an adapter).
+Concurrent requests are answered together by one engine (medgpt/engine.py); see README, "Serving".
+"""
+
+import logging
+import os
+import socket
+import sys
+from dataclasses import dataclass, field
+
+from medgpt.arguments import at_least, parse_args, setup_logging
+from medgpt.errors import InputError, exit_on_input_error
+from medgpt.generation import ChatModel, InferenceModelArguments
+from medgpt.modeling import check_adapter_path
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ApiArguments:
+    host: str = field(default="127.0.0.1", metadata={"help": "Address to listen on (0.0.0.0: every interface)."})
+    port: int = field(default=8000, metadata={"help": "Port to listen on."})
+    served_model_name: str | None = field(default=None, metadata={"help": "Model id clients ask for; default: "
+                                                                          "the model folder's name."})
+    lora_modules: list[str] = field(default_factory=list, metadata={"help": "Extra LoRA adapters as name=path, "
+                                                                            "chosen by a request's `model`."})
+    api_key: str | None = field(default=None, metadata={"help": "Require 'Authorization: Bearer KEY' "
+                                                                "(or set MEDGPT_API_KEY)."})
+    max_batch_size: int = field(default=8, metadata={"help": "Requests decoded together."})
+    max_queue: int = field(default=64, metadata={"help": "Waiting requests beyond this are answered 503."})
+    context_length: int | None = field(default=None, metadata={"help": "Prompt + answer tokens; default: the "
+                                                                       "model's."})
+
+    def __post_init__(self):
+        at_least(self, "port", 0)
+        at_least(self, "max_batch_size", 1)
+        at_least(self, "max_queue", 1)
+        self.api_key = self.api_key or os.environ.get("MEDGPT_API_KEY") or None
+        adapters = {}
+        for entry in self.lora_modules:
+            name, _, path = entry.partition("=")
+            if not name or not path:
+                raise InputError(f"--lora_modules takes name=path, got '{entry}'")
+            adapters[name] = check_adapter_path(path, "--lora_modules")
+        self.adapters = adapters
+
+
+def check_port_free(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            raise InputError(f"cannot listen on {host}:{port}: {error.strerror} (is another server running? "
+                             "pass --port)") from None
+
+
+@exit_on_input_error
+def main(argv=None):
+    import uvicorn
+
+    from medgpt.api import ModelService, build_app
+    from medgpt.engine import GenerationEngine
+
+    model_args, api_args = parse_args((InferenceModelArguments, ApiArguments), argv)
+    setup_logging()
+    if api_args.port:
+        check_port_free(api_args.host, api_args.port)  # before minutes of loading
+    chat_model = ChatModel(model_args)
+    model = chat_model.model
+    for name, path in api_args.adapters.items():
+        from peft import PeftModel
+
+        if not hasattr(model, "load_adapter") or not hasattr(model, "peft_config"):
+            model = PeftModel.from_pretrained(model, path, adapter_name=name)
+        else:
+            model.load_adapter(path, adapter_name=name)
+    context = api_args.context_length or getattr(model.config, "max_position_embeddings", None) or 2048
+    engine = GenerationEngine(model.eval(), chat_model.tokenizer, chat_model.stop_token_ids, context,
+                              api_args.max_batch_size, api_args.max_queue)
+    name = api_args.served_model_name or os.path.basename(os.path.normpath(model_args.lora_model or model_args.base_model))
+    service = ModelService(engine, chat_model.chat_format, chat_model.tokenizer, name,
+                           {adapter: adapter for adapter in api_args.adapters}, api_args.api_key)
+    logger.info("serving %s on http://%s:%d/v1", ", ".join(service.models), api_args.host, api_args.port)
+    uvicorn.run(build_app(service), host=api_args.host, port=api_args.port, log_level="warning")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

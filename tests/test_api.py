@@ -1,0 +1,186 @@
+"""openai_api.py on loopback with a tiny model, driven by the official `openai` client."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import openai
+import pytest
+
+from conftest import REPO, make_random_adapter
+
+KEY = "test-key"
+QUESTIONS = ["What causes anemia?", "高血压怎么办？", "Is fever dangerous?", "What is insulin?",
+             "咳嗽两周了", "How much water a day?", "Why do joints ache?", "What is a normal pulse?"]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_model_dir, tmp_path_factory):
+    return {name: make_random_adapter(tiny_model_dir, tmp_path_factory.mktemp(name), seed)
+            for name, seed in (("doctor", 1), ("nurse", 2))}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, adapters, tmp_path_factory):
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("api") / "server.log", "w+")
+    command = [sys.executable, os.path.join(REPO, "openai_api.py"), "--base_model", tiny_model_dir,
+               "--template_name", "chatml", "--port", str(port), "--api_key", KEY, "--context_length", "256",
+               "--served_model_name", "tiny", "--lora_modules", *(f"{n}={p}" for n, p in adapters.items())]
+    process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                               env=dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1"))
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(base + "/health", timeout=1)
+            break
+        except (urllib.error.URLError, ConnectionError):
+            if process.poll() is not None:
+                break
+            time.sleep(0.5)
+    else:
+        process.kill()
+    if process.poll() is not None:
+        log.seek(0)
+        pytest.fail(f"the API did not start:\n{log.read()[-3000:]}")
+    yield {"base": base, "port": port, "process": process}
+    process.terminate()
+    process.wait(timeout=30)
+
+
+@pytest.fixture()
+def client(server):
+    return openai.OpenAI(base_url=server["base"] + "/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+def ask(client, question, model="doctor", **options):
+    # The random base model answers with newlines only; its adapters give varied text.
+    options = {"max_tokens": 8, "temperature": 0, **options}
+    return client.chat.completions.create(model=model, messages=[{"role": "user", "content": question}], **options)
+
+
+def test_models_health_and_a_plain_answer(client, server):
+    assert [model.id for model in client.models.list()] == ["tiny", "doctor", "nurse"]
+    with urllib.request.urlopen(server["base"] + "/health") as response:  # open without the key
+        assert json.loads(response.read()) == {"status": "ok"}
+    reply = ask(client, QUESTIONS[0])
+    choice = reply.choices[0]
+    assert reply.object == "chat.completion" and reply.id.startswith("chatcmpl-")
+    assert choice.message.role == "assistant" and choice.message.content
+    assert choice.finish_reason in ("stop", "length")
+    assert reply.usage.prompt_tokens > 5 and reply.usage.completion_tokens <= 8
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+    if choice.finish_reason == "length":
+        assert reply.usage.completion_tokens == 8
+    assert ask(client, QUESTIONS[0]).id != reply.id
+
+
+def test_streamed_chunks_join_to_the_plain_answer_and_usage_comes_last(client):
+    whole = ask(client, QUESTIONS[1], max_tokens=12).choices[0].message.content
+    chunks = list(ask(client, QUESTIONS[1], max_tokens=12, stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] in (["length"], ["stop"])
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens <= 12
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_max_tokens_stop_strings_and_n(client):
+    reply = ask(client, QUESTIONS[2], max_completion_tokens=3, max_tokens=50)  # the newer name wins
+    assert reply.choices[0].finish_reason == "length" and reply.usage.completion_tokens == 3
+    text = ask(client, QUESTIONS[2], max_tokens=16).choices[0].message.content
+    stop = text[4:7]
+    stopped = ask(client, QUESTIONS[2], max_tokens=16, stop=[stop, "never appears"])
+    assert stopped.choices[0].message.content == text[: text.index(stop)]
+    assert stopped.choices[0].finish_reason == "stop"
+    streamed = "".join(c.choices[0].delta.content or "" for c in ask(client, QUESTIONS[2], max_tokens=16, stop=stop, stream=True))
+    assert streamed == text[: text.index(stop)]  # cut mid-stream too
+    two = ask(client, QUESTIONS[2], n=2)
+    assert [c.index for c in two.choices] == [0, 1]
+    assert two.choices[0].message.content == two.choices[1].message.content  # greedy
+    sampled = ask(client, QUESTIONS[2], n=2, temperature=1.0, seed=7, max_tokens=12)
+    again = ask(client, QUESTIONS[2], n=2, temperature=1.0, seed=7, max_tokens=12)
+    assert [c.message.content for c in sampled.choices] == [c.message.content for c in again.choices]  # seeded
+
+
+def test_errors_come_in_openais_shape(client, server):
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server["base"] + "/v1", api_key="wrong", max_retries=0).models.list()
+    with pytest.raises(openai.NotFoundError) as error:
+        ask(client, "Hi", model="gpt-4")
+    assert error.value.body["code"] == "model_not_found" and "tiny" in error.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as error:
+        ask(client, "headache " * 300)
+    assert "256" in error.value.body["message"] and error.value.body["code"] == "context_length_exceeded"
+    for bad in ({"messages": []}, {"messages": [{"role": "assistant", "content": "Hi"}]},
+                {"messages": [{"role": "user", "content": "Hi"}], "temperature": "hot"}):
+        with pytest.raises(openai.BadRequestError) as error:
+            client.chat.completions.create(model="tiny", **bad)
+        assert set(error.value.body) == {"message", "type", "param", "code"}
+    request = urllib.request.Request(server["base"] + "/v1/chat/completions", data=b"{not json", method="POST",
+                                     headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as error:
+        urllib.request.urlopen(request)
+    assert error.value.code == 400 and "not valid JSON" in json.loads(error.value.read())["error"]["message"]
+
+
+def test_adapters_chosen_by_model_answer_as_inference_does(client, tiny_model_dir, adapters):
+    from medgpt.generation import ChatModel, GenerationArguments, InferenceModelArguments
+
+    greedy = GenerationArguments(max_new_tokens=8, temperature=0)
+    answers = {}
+    for name, path in adapters.items():
+        model = ChatModel(InferenceModelArguments(base_model=tiny_model_dir, lora_model=path, template_name="chatml"))
+        expected = model.answer_batch([[{"role": "user", "content": QUESTIONS[3]}]], greedy)[0]
+        answers[name] = ask(client, QUESTIONS[3], model=name).choices[0].message.content
+        assert answers[name].strip() == expected
+    assert answers["doctor"] != answers["nurse"] != ask(client, QUESTIONS[3], model="tiny").choices[0].message.content
+
+
+def test_concurrent_requests_each_get_the_answer_they_get_alone(client):
+    alone = [ask(client, question).choices[0].message.content for question in QUESTIONS]
+    together = [None] * len(QUESTIONS)
+
+    def run(index):
+        together[index] = ask(client, QUESTIONS[index]).choices[0].message.content
+
+    threads = [threading.Thread(target=run, args=(index,)) for index in range(len(QUESTIONS))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert together == alone
+    assert len(set(alone)) > 4  # different answers: a mix-up between requests would show
+
+
+def test_simple_chat_and_diagnose_endpoints(server):
+    def post(path, body):
+        request = urllib.request.Request(server["base"] + path, data=json.dumps(body).encode(), method="POST",
+                                         headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+        with urllib.request.urlopen(request) as response:
+            return json.loads(response.read())
+
+    first = post("/chat", {"message": "I have a headache.", "max_tokens": 6, "model": "doctor"})
+    assert first["response"] and "not medical advice" in first["disclaimer"]
+    assert [m["role"] for m in first["history"]] == ["user", "assistant"]
+    second = post("/chat", {"message": "Two days.", "history": first["history"], "max_tokens": 6, "model": "doctor"})
+    assert [m["role"] for m in second["history"]] == ["user", "assistant"] * 2
+    diagnosis = post("/diagnose", {"patient_info": "男，45岁", "symptoms": "胸闷", "test_results": "血压160/100", "max_tokens": 6,
+                                  "model": "doctor"})
+    assert diagnosis["assessment"] and diagnosis["disclaimer"]
+    with pytest.raises(urllib.error.HTTPError) as error:
+        post("/diagnose", {})
+    assert error.value.code == 400
