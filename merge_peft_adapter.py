@@ -12,7 +12,8 @@ import torch
 
 from medgpt.arguments import parse_args, setup_logging
 from medgpt.errors import InputError, exit_on_input_error
-from medgpt.modeling import adapter_base_model, check_adapter_path, check_model_path, hub_kwargs, resolve_dtype, tokenizer_folder
+from medgpt.modeling import (adapter_base_model, check_adapter_path, check_model_path, hub_kwargs, load_adapter,
+                             resolve_dtype, tokenizer_folder)
 from medgpt.outputs import publish_model_folder, same_folder, staging_folder
 
 logger = logging.getLogger(__name__)
@@ -53,7 +54,6 @@ def main(argv=None):
     (args,) = parse_args((MergeArguments,), argv)
     setup_logging()
     check_paths(args)
-    from peft import PeftModel
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     load = hub_kwargs(args.base_model, trust_remote_code=args.trust_remote_code)
@@ -65,7 +65,7 @@ def main(argv=None):
         save_dtype = resolve_dtype(args.torch_dtype)
     # Merge in fp32 so the low-rank update is added without rounding, then store in the chosen dtype.
     base = AutoModelForCausalLM.from_pretrained(args.base_model, dtype=torch.float32, **load)
-    model = PeftModel.from_pretrained(base, args.lora_model).merge_and_unload()
+    model = load_adapter(base, args.lora_model, "--lora_model").merge_and_unload()
     model = model.to(save_dtype)
 
     tokenizer_source = tokenizer_folder(args.base_model, args.lora_model)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from medgpt.arguments import at_least, parse_args, setup_logging
 from medgpt.errors import InputError, exit_on_input_error
 from medgpt.generation import ChatModel, InferenceModelArguments
-from medgpt.modeling import check_adapter_path
+from medgpt.modeling import check_adapter_path, load_adapter
 
 logger = logging.getLogger(__name__)
 
@@ -73,12 +73,7 @@ def main(argv=None):
     chat_model = ChatModel(model_args)
     model = chat_model.model
     for name, path in api_args.adapters.items():
-        from peft import PeftModel
-
-        if not hasattr(model, "load_adapter") or not hasattr(model, "peft_config"):
-            model = PeftModel.from_pretrained(model, path, adapter_name=name)
-        else:
-            model.load_adapter(path, adapter_name=name)
+        model = load_adapter(model, path, "--lora_modules", name)
     context = api_args.context_length or getattr(model.config, "max_position_embeddings", None) or 2048
     engine = GenerationEngine(model.eval(), chat_model.tokenizer, chat_model.stop_token_ids, context,
                               api_args.max_batch_size, api_args.max_queue)

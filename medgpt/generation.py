@@ -9,7 +9,8 @@ import torch
 from medgpt.arguments import at_least, require
 from medgpt.chat import ChatFormat
 from medgpt.errors import InputError
-from medgpt.modeling import check_adapter_path, check_model_path, hub_kwargs, resolve_dtype, tokenizer_folder
+from medgpt.modeling import (check_adapter_path, check_model_path, hub_kwargs, load_adapter, resolve_dtype,
+                             tokenizer_folder)
 
 logger = logging.getLogger(__name__)
 
@@ -91,9 +92,7 @@ class ChatModel:
             kwargs["device_map"] = "auto"
         model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
         if args.lora_model:
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(model, args.lora_model)
+            model = load_adapter(model, args.lora_model, "--lora_model")
             if not (args.load_in_4bit or args.load_in_8bit):
                 model = model.merge_and_unload()  # same outputs, faster generation
         self.model = model.eval()

@@ -235,3 +235,18 @@ def is_adapter_folder(path: str) -> bool:
 def adapter_base_model(path: str) -> str | None:
     with open(os.path.join(path, "adapter_config.json"), encoding="utf-8") as handle:
         return json.load(handle).get("base_model_name_or_path")
+
+
+def load_adapter(model, path: str, flag: str, name: str = "default"):
+    """`model` with the LoRA adapter at `path` (a PeftModel; a further adapter is added under `name`). An
+    adapter trained on another base model is a one-line InputError, not a shape-mismatch traceback."""
+    from peft import PeftModel
+
+    try:
+        if isinstance(model, PeftModel):
+            model.load_adapter(path, adapter_name=name)
+            return model
+        return PeftModel.from_pretrained(model, path, adapter_name=name)
+    except (RuntimeError, ValueError, KeyError) as error:
+        detail = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+        raise InputError(f"the adapter ({flag}) does not fit the base model: {detail}", path) from None

@@ -108,10 +108,9 @@ class RewardModelScorer:
     """Scores prompt + completion with a sequence-classification reward model (the RM stage's output)."""
 
     def __init__(self, path: str, chat_format, device=None, dtype=torch.float32):
-        from peft import PeftModel
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from medgpt.modeling import adapter_base_model, check_model_path, hub_kwargs, is_adapter_folder
+        from medgpt.modeling import adapter_base_model, check_model_path, hub_kwargs, is_adapter_folder, load_adapter
 
         if not os.path.isdir(path):
             raise InputError("reward model folder not found (--reward_model_path)", path)
@@ -125,7 +124,7 @@ class RewardModelScorer:
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, dtype=dtype, **hub_kwargs(base))
         if is_adapter_folder(path):
-            model = PeftModel.from_pretrained(model, path).merge_and_unload()
+            model = load_adapter(model, path, "--reward_model_path").merge_and_unload()
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         model.config.pad_token_id = self.tokenizer.pad_token_id

@@ -184,3 +184,17 @@ def test_simple_chat_and_diagnose_endpoints(server):
     with pytest.raises(urllib.error.HTTPError) as error:
         post("/diagnose", {})
     assert error.value.code == 400
+
+
+def test_a_port_in_use_is_a_one_line_error(tiny_model_dir, capsys):
+    import openai_api
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(SystemExit) as exit_:
+            openai_api.main(["--base_model", tiny_model_dir, "--port", str(port)])
+    assert exit_.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: cannot listen on 127.0.0.1:") and "pass --port" in last

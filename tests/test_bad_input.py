@@ -155,6 +155,14 @@ CASES = [
      + ["--skip_invalid_records", "True"], 0, "train: read 3 records, kept 2, truncated 0, rejected 1"),
     ("dpo-tools-with-a-template-without-tools", with_flag(with_flag(DPO, "--train_file_dir", "{tool_pairs}"), "--template_name", "phi3"), 2,
      "{tool_pairs}:2: template 'phi3': template phi3 has no tool-call format"),
+    # serving
+    ("api-model-folder-missing", ["openai_api.py", "--base_model", "{tmp}/nope", "--port", "0"], 2, "{tmp}/nope: model folder not found"),
+    ("api-lora-modules-without-a-path", ["openai_api.py", "--base_model", "{tiny}", "--lora_modules", "doctor"], 2,
+     "--lora_modules takes name=path, got 'doctor'"),
+    ("api-adapter-of-another-model", ["openai_api.py", "--base_model", "{tiny}", "--port", "0", "--lora_modules", "x={foreign_adapter}"], 2,
+     "{foreign_adapter}: the adapter (--lora_modules) does not fit the base model"),
+    ("inference-adapter-of-another-model", with_flag(INFER, "--lora_model", "{foreign_adapter}"), 2,
+     "the adapter (--lora_model) does not fit the base model"),
     ("inference-tools-refused-before-the-model-loads", with_flag(with_flag(INFER, "--data_file", "{tool_questions}"), "--template_name", "gemma"), 2,
      "{tool_questions}:2: template 'gemma': template gemma has no tool-call format"),
 ]
@@ -168,6 +176,19 @@ def adapter_dir(tiny_model_dir, tmp_path_factory):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     path = tmp_path_factory.mktemp("adapter")
     get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def foreign_adapter_dir(tmp_path_factory):
+    """A LoRA adapter trained on another model (32 wide, not 64): its weights do not fit the tiny model."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1)
+    path = tmp_path_factory.mktemp("foreign_adapter")
+    get_peft_model(LlamaForCausalLM(config), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(path)
     return str(path)
 
 
@@ -185,10 +206,11 @@ def run_main(script: str, argv: list[str], capsys) -> tuple[int, str]:
 
 
 @pytest.mark.parametrize("command, status, message", [case[1:] for case in CASES], ids=[case[0] for case in CASES])
-def test_bad_input(command, status, message, tiny_model_dir, adapter_dir, tmp_path, capsys, monkeypatch):
+def test_bad_input(command, status, message, tiny_model_dir, adapter_dir, foreign_adapter_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.chdir(REPO)
-    values = dict(make_inputs(tmp_path, tiny_model_dir), tiny=tiny_model_dir, adapter=adapter_dir, tmp=str(tmp_path), out=str(tmp_path / "out"))
+    values = dict(make_inputs(tmp_path, tiny_model_dir), tiny=tiny_model_dir, adapter=adapter_dir, tmp=str(tmp_path),
+                  out=str(tmp_path / "out"), foreign_adapter=foreign_adapter_dir)
     before = {name: os.path.getmtime(tmp_path / name) for name in os.listdir(tmp_path)}
     script, *argv = [argument.format(**values) for argument in command]
     returncode, stderr = run_main(script, argv, capsys)
