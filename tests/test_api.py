@@ -198,3 +198,82 @@ def test_a_port_in_use_is_a_one_line_error(tiny_model_dir, capsys):
     assert exit_.value.code == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("error: cannot listen on 127.0.0.1:") and "pass --port" in last
+
+
+class ScriptedEngine:
+    """Stands in for the model: answers every request with `answer`, piece by piece, and keeps the prompts.
+    The API's own handling of tools, calls and streaming is what these tests check."""
+
+    context_length = 4096
+
+    def __init__(self, answer: str):
+        self.answer, self.prompts = answer, []
+
+    def submit(self, prompt_ids, params, sink, adapter=None):
+        from medgpt.engine import Finished, Request
+
+        self.prompts.append(prompt_ids)
+        request = Request(prompt_ids, params, sink, adapter)
+
+        def run():
+            pieces = [self.answer[i:i + 5] for i in range(0, len(self.answer), 5)]
+            for piece in pieces:
+                sink(piece)
+            sink(Finished("stop", len(pieces), len(prompt_ids)))
+
+        threading.Thread(target=run, daemon=True).start()
+        return request
+
+
+@pytest.fixture(scope="module")
+def scripted(tokenizer_dir):
+    import uvicorn
+    from transformers import AutoTokenizer
+
+    from medgpt.api import ModelService, build_app
+    from medgpt.chat import ChatFormat
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    engine = ScriptedEngine('Let me check.\n<tool_call>\n{"name": "bmi", "arguments": {"kg": 70, "m": 1.75}}\n</tool_call>')
+    service = ModelService(engine, ChatFormat.for_model("qwen", tokenizer), tokenizer, "scripted")
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(build_app(service), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0), engine, tokenizer
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+BMI_TOOL = {"type": "function", "function": {"name": "bmi", "description": "Body-mass index",
+                                             "parameters": {"type": "object", "properties": {"kg": {"type": "number"}}}}}
+
+
+def test_tool_calls_in_the_answer_come_back_as_openai_tool_calls(scripted):
+    client, engine, tokenizer = scripted
+    history = [{"role": "user", "content": "BMI for 70 kg, 1.75 m?"},
+               {"role": "assistant", "content": None, "tool_calls": [
+                   {"id": "call_1", "type": "function", "function": {"name": "bmi", "arguments": '{"kg": 70, "m": 1.75}'}}]},
+               {"role": "tool", "tool_call_id": "call_1", "content": '{"bmi": 22.9}'}]
+    reply = client.chat.completions.create(model="scripted", messages=history, tools=[BMI_TOOL])
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content == "Let me check."
+    call, = choice.message.tool_calls
+    assert call.type == "function" and call.function.name == "bmi" and call.id
+    assert json.loads(call.function.arguments) == {"kg": 70, "m": 1.75}
+    # The prompt carried the definitions, the earlier call and its result in Qwen's format.
+    prompt = tokenizer.decode(engine.prompts[-1])
+    assert '<tools>\n{"type": "function", "function": {"name": "bmi"' in prompt
+    assert '<tool_call>\n{"name": "bmi", "arguments": {"kg": 70, "m": 1.75}}\n</tool_call>' in prompt
+    assert "<tool_response>\n{\"bmi\": 22.9}\n</tool_response>" in prompt
+
+    chunks = list(client.chat.completions.create(model="scripted", messages=history, tools=[BMI_TOOL], stream=True))
+    calls = [c for chunk in chunks for c in (chunk.choices[0].delta.tool_calls or [])]
+    assert [c.function.name for c in calls] == ["bmi"] and json.loads(calls[0].function.arguments) == {"kg": 70, "m": 1.75}
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks) == "Let me check."
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    # Without tools in the request the same text is plain content.
+    plain = client.chat.completions.create(model="scripted", messages=[{"role": "user", "content": "Hi"}])
+    assert plain.choices[0].finish_reason == "stop" and "<tool_call>" in plain.choices[0].message.content
