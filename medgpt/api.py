@@ -158,6 +158,8 @@ def build_app(service: ModelService):
             raise ApiError(503, str(error), code="server_busy", kind="server_error") from None
 
         def finish(text: str, finished: Finished) -> tuple[str | None, list, str]:
+            if finished.reason == "error":
+                raise ApiError(500, f"generation failed: {finished.error}", kind="server_error")
             content, calls = (service.chat_format.parse_tool_calls(text, tools) if tools else (text, []))
             reason = "tool_calls" if calls else ("length" if finished.reason == "length" else "stop")
             return content, [_openai_call(call, number) for number, call in enumerate(calls)], reason
@@ -196,6 +198,8 @@ def build_app(service: ModelService):
                                    "model": model, "choices": [], "usage": usage}
                         yield f"data: {json.dumps(payload)}\n\n"
                     yield "data: [DONE]\n\n"
+                except ApiError as error:  # the status line is sent already: the error goes in the stream
+                    yield f"data: {json.dumps(error.body())}\n\n"
                 finally:  # the client went away, or the answer is complete: nothing keeps generating
                     for submitted in requests:
                         submitted.cancel()
@@ -253,6 +257,8 @@ def build_app(service: ModelService):
                 pieces.append(event)
         finally:
             submitted.cancel()
+        if event.reason == "error":
+            raise ApiError(500, f"generation failed: {event.error}", kind="server_error")
         return "".join(pieces).strip()
 
     @app.post("/chat")

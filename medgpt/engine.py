@@ -40,9 +40,10 @@ class SamplingParams:
 @dataclass
 class Finished:
     """The last event of a request."""
-    reason: str  # "stop" (end of turn or a stop string), "length", "cancelled"
+    reason: str  # "stop" (end of turn or a stop string), "length", "cancelled", "error"
     completion_tokens: int
     prompt_tokens: int
+    error: str = ""
 
 
 class Request:
@@ -141,7 +142,9 @@ class GenerationEngine:
 
     def _adapter(self, name: str | None):
         """The model with `name`'s LoRA adapter active, or (None) with adapters off."""
-        if not hasattr(self.model, "set_adapter"):
+        from peft import PeftModel
+
+        if not isinstance(self.model, PeftModel):
             return contextlib.nullcontext()
         if name is None:
             return self.model.disable_adapter()
@@ -159,7 +162,7 @@ class GenerationEngine:
             except Exception as error:  # never leave a caller waiting: report and finish every row
                 logger.exception("generation failed")
                 for request in batch:
-                    request.sink(Finished(f"error: {error}", 0, len(request.prompt_ids)))
+                    request.sink(Finished("error", 0, len(request.prompt_ids), f"{type(error).__name__}: {error}"))
 
     @staticmethod
     def _skip_cancelled(request: Request) -> bool:
