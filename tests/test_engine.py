@@ -1,0 +1,67 @@
+"""The serving engine on a tiny model: the same greedy answers as inference.py, stop strings, seeds,
+cancellation and a full queue."""
+
+import time
+
+import pytest
+
+from medgpt.engine import EngineBusy, Finished, GenerationEngine, Request, SamplingParams
+
+QUESTIONS = ["What causes anemia?", "高血压怎么办？", "Is fever dangerous?"]
+
+
+@pytest.fixture(scope="module")
+def chat_model(tiny_model_dir, random_adapter):
+    from medgpt.generation import ChatModel, InferenceModelArguments
+
+    # The adapter is merged: a plain transformers model, no PEFT wrapper.
+    return ChatModel(InferenceModelArguments(base_model=tiny_model_dir, lora_model=random_adapter, template_name="chatml"))
+
+
+@pytest.fixture(scope="module")
+def engine(chat_model):
+    return GenerationEngine(chat_model.model, chat_model.tokenizer, chat_model.stop_token_ids, context_length=1024)
+
+
+def prompt(chat_model, question):
+    return chat_model.tokenizer(chat_model.prompt([{"role": "user", "content": question}]), add_special_tokens=False)["input_ids"]
+
+
+def test_greedy_answers_match_batch_inference_and_stop_strings_cut_the_text(chat_model, engine):
+    from medgpt.generation import GenerationArguments
+
+    expected = chat_model.answer_batch([[{"role": "user", "content": q}] for q in QUESTIONS],
+                                       GenerationArguments(max_new_tokens=10, temperature=0))
+    for question, answer in zip(QUESTIONS, expected):
+        text, finished = engine.generate(prompt(chat_model, question), SamplingParams(max_new_tokens=10))
+        assert text.strip() == answer
+        assert finished.reason in ("stop", "length") and finished.completion_tokens <= 10
+    text, _ = engine.generate(prompt(chat_model, QUESTIONS[0]), SamplingParams(max_new_tokens=10))
+    stop = text[3:6]
+    pieces = list(engine.stream(prompt(chat_model, QUESTIONS[0]), SamplingParams(max_new_tokens=10, stop=[stop])))
+    assert "".join(pieces) == text[: text.index(stop)]
+
+
+def test_seeded_sampling_repeats_and_cancelled_requests_end(chat_model, engine):
+    ids = prompt(chat_model, QUESTIONS[1])
+    sampled = SamplingParams(max_new_tokens=12, temperature=1.0, seed=3)
+    assert engine.generate(ids, sampled)[0] == engine.generate(ids, sampled)[0]
+    events = []
+    request = engine.submit(ids, SamplingParams(max_new_tokens=200), events.append)
+    request.cancel()
+    deadline = time.monotonic() + 30
+    while not any(isinstance(e, Finished) for e in events) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    finished = events[-1]
+    assert finished.reason == "cancelled" and finished.completion_tokens < 200
+
+
+def test_a_full_queue_is_refused_at_once(chat_model):
+    engine = GenerationEngine(chat_model.model, chat_model.tokenizer, chat_model.stop_token_ids, 1024, max_queue=1)
+    ids = prompt(chat_model, QUESTIONS[2])
+    waiting = Request(ids, SamplingParams(), lambda event: None)
+    with engine._ready:  # the worker cannot take the waiting request before the second one is refused
+        engine._pending.append(waiting)
+        with pytest.raises(EngineBusy, match="busy: 1 requests are waiting"):
+            engine.submit(ids, SamplingParams(), lambda event: None)
+        waiting.cancel()
