@@ -16,9 +16,8 @@ import sys
 from dataclasses import dataclass, field
 
 from medgpt.arguments import at_least, parse_args, setup_logging
-from medgpt.data import DataReport, load_records, query_to_messages
 from medgpt.errors import InputError, exit_on_input_error
-from medgpt.generation import ChatModel, GenerationArguments, InferenceModelArguments
+from medgpt.generation import ChatModel, GenerationArguments, InferenceModelArguments, answer_rows, read_queries
 from medgpt.outputs import atomic_write_text, check_output_file
 
 logger = logging.getLogger(__name__)
@@ -35,25 +34,8 @@ class InferenceArguments:
         at_least(self, "batch_size", 1)
 
 
-def read_queries(path: str) -> list[dict]:
-    def convert(record):
-        messages, reference, tools = query_to_messages(record)
-        return {"messages": messages, "reference": reference, "tools": tools}
-
-    return load_records(path, "query", DataReport("queries"), skip_invalid=False, converter=convert)
-
-
 def answer_file(chat_model: ChatModel, queries: list[dict], args: InferenceArguments, generation: GenerationArguments) -> None:
-    answers = chat_model.answer_batch([q["messages"] for q in queries], generation, args.batch_size,
-                                      tools=[q["tools"] for q in queries])
-    rows = []
-    for query, answer in zip(queries, answers, strict=True):
-        row = {"input": query["messages"][-1]["content"], "output": answer}
-        if query["tools"]:  # the calls the answer makes, read back in the template's format
-            row["output"], row["tool_calls"] = chat_model.chat_format.parse_tool_calls(answer, query["tools"])
-        if query["reference"] is not None:
-            row["reference"] = query["reference"]
-        rows.append(row)
+    rows = answer_rows(chat_model, queries, generation, args.batch_size)
     if args.output_file:
         atomic_write_text(args.output_file, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
         logger.info("%d answers written to %s", len(rows), os.path.abspath(args.output_file))

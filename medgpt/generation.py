@@ -61,9 +61,10 @@ class InferenceModelArguments:
 class ChatModel:
     """A model, its tokenizer and the chat format it was trained with, ready to answer conversations."""
 
-    def __init__(self, args: InferenceModelArguments, queries_to_check: list[dict] = ()):
+    def __init__(self, args: InferenceModelArguments, queries_to_check: list[dict] = (), device: str | None = None):
         """`queries_to_check` ({"messages", "tools", "source"}) are rendered before the weights load, so a
-        conversation the template cannot render fails at once, naming its line."""
+        conversation the template cannot render fails at once, naming its line. `device` puts the whole model
+        on one device (a data-parallel process); by default it is spread over the GPUs there are."""
         from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
         base = check_model_path(args.base_model, "--base_model")
@@ -88,7 +89,9 @@ class ChatModel:
             kwargs["quantization_config"] = BitsAndBytesConfig(
                 load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit, bnb_4bit_compute_dtype=dtype
             )
-        if torch.cuda.is_available():
+        if device is not None:
+            kwargs["device_map"] = {"": device}
+        elif torch.cuda.is_available():
             kwargs["device_map"] = "auto"
         model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
         if args.lora_model:
@@ -166,3 +169,30 @@ class ChatModel:
         worker.start()
         yield from streamer
         worker.join()
+
+
+def read_queries(path: str) -> list[dict]:
+    """Questions to answer, each {"messages", "reference", "tools", "source"}, from any query format."""
+    from medgpt.data import DataReport, load_records, query_to_messages
+
+    def convert(record):
+        messages, reference, tools = query_to_messages(record)
+        return {"messages": messages, "reference": reference, "tools": tools}
+
+    return load_records(path, "query", DataReport("queries"), skip_invalid=False, converter=convert)
+
+
+def answer_rows(chat_model: ChatModel, queries: list[dict], generation: GenerationArguments, batch_size: int) -> list[dict]:
+    """One output row per query, in order: {"input", "output"}, plus "tool_calls" when the query has tools
+    and "reference" when it carries one."""
+    answers = chat_model.answer_batch([q["messages"] for q in queries], generation, batch_size,
+                                      tools=[q["tools"] for q in queries])
+    rows = []
+    for query, answer in zip(queries, answers, strict=True):
+        row = {"input": query["messages"][-1]["content"], "output": answer}
+        if query["tools"]:  # the calls the answer makes, read back in the template's format
+            row["output"], row["tool_calls"] = chat_model.chat_format.parse_tool_calls(answer, query["tools"])
+        if query["reference"] is not None:
+            row["reference"] = query["reference"]
+        rows.append(row)
+    return rows
