@@ -13,6 +13,7 @@ import contextlib
 import logging
 import queue
 import threading
+import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
@@ -75,7 +76,7 @@ class _Row:
 
 class GenerationEngine:
     def __init__(self, model, tokenizer, stop_token_ids: list[int], context_length: int,
-                 max_batch_size: int = 8, max_queue: int = 64):
+                 max_batch_size: int = 8, max_queue: int = 64, gather_seconds: float = 0.05):
         self.model = model
         self.tokenizer = tokenizer
         self.stop_token_ids = set(stop_token_ids)
@@ -83,6 +84,7 @@ class GenerationEngine:
         self.max_batch_size = max_batch_size
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop_token_ids or [0])[0]
         self.max_queue = max_queue
+        self.gather_seconds = gather_seconds
         self._pending: deque[Request] = deque()
         self._ready = threading.Condition()
         self._worker = threading.Thread(target=self._serve, name="generation-engine", daemon=True)
@@ -130,10 +132,14 @@ class GenerationEngine:
     # ----- the worker -----------------------------------------------------------------------------------
 
     def _next_batch(self) -> list[Request]:
-        """Up to max_batch_size waiting requests, oldest first, all for the same adapter."""
+        """Up to max_batch_size waiting requests, oldest first, all for the same adapter. Requests that arrive
+        within `gather_seconds` of the first join it: clients that ask at the same moment share a batch."""
         with self._ready:
             while not self._pending:
                 self._ready.wait()
+            deadline = time.monotonic() + self.gather_seconds
+            while len(self._pending) < self.max_batch_size and (left := deadline - time.monotonic()) > 0:
+                self._ready.wait(left)
             adapter = self._pending[0].adapter
             batch = [request for request in self._pending if request.adapter == adapter][: self.max_batch_size]
             for request in batch:
