@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 
 from medgpt.arguments import at_least, parse_args, setup_logging
 from medgpt.errors import InputError, exit_on_input_error
-from medgpt.generation import ChatModel, GenerationArguments, InferenceModelArguments, answer_rows, read_queries
+from medgpt.data import read_queries
+from medgpt.generation import ChatModel, GenerationArguments, InferenceModelArguments, answer_rows
 from medgpt.outputs import atomic_write_text, check_output_file
 
 logger = logging.getLogger(__name__)

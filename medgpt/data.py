@@ -686,3 +686,12 @@ def load_question_splits(data_args, seed: int, needs_answer: bool):
     log_reports(train_report, eval_report, evaluation)
     strip = lambda rows: [{"prompt": row["prompt"], "answer": row["answer"]} for row in rows]  # noqa: E731
     return strip(train), strip(evaluation)
+
+
+def read_queries(path: str) -> list[dict]:
+    """Questions to answer, each {"messages", "reference", "tools", "source"}, from any query format."""
+    def convert(record):
+        messages, reference, tools = query_to_messages(record)
+        return {"messages": messages, "reference": reference, "tools": tools}
+
+    return load_records(path, "query", DataReport("queries"), skip_invalid=False, converter=convert)

@@ -19,6 +19,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import torch
+from transformers import DynamicCache
 
 logger = logging.getLogger(__name__)
 
@@ -179,6 +180,34 @@ class GenerationEngine:
 
     @torch.inference_mode()
     def _run(self, batch: list[Request]) -> None:
+        """Decode `batch` step by step. Finished rows leave the batch; requests for the same adapter that
+        arrive meanwhile join it (continuous batching) when the model's cache allows it."""
+        adapter = batch[0].adapter
+        rows, cache, attention, tokens = self._prefill(batch)
+        while True:
+            active = [index for index, row in enumerate(rows) if not row.done]
+            if len(active) < len(rows):
+                if not active:
+                    return
+                keep = torch.tensor(active, device=attention.device)
+                cache.batch_select_indices(keep)
+                rows, attention, tokens = [rows[i] for i in active], attention[keep], tokens[keep]
+            if len(rows) < self.max_batch_size and _joinable(cache):
+                newcomers = self._take_waiting(adapter, self.max_batch_size - len(rows))
+                if newcomers:
+                    new_rows, new_cache, new_attention, new_tokens = self._prefill(newcomers)
+                    attention = _merge(cache, new_cache, attention, new_attention)
+                    rows, tokens = rows + new_rows, torch.cat([tokens, new_tokens])
+                    continue  # newcomers may have finished at once (a stop token first)
+            attention = torch.cat([attention, attention.new_ones((len(rows), 1))], -1)
+            positions = attention.sum(-1, keepdim=True) - 1
+            output = self.model(input_ids=tokens.unsqueeze(-1), attention_mask=attention, position_ids=positions,
+                                past_key_values=cache, use_cache=True)
+            tokens = self._step(rows, output.logits[:, -1, :])
+
+    def _prefill(self, batch: list[Request]):
+        """Run the prompts of `batch` (left-padded) and choose each row's first token:
+        (rows, cache, attention mask, tokens)."""
         device = self.model.device
         longest = max(len(request.prompt_ids) for request in batch)
         input_ids = torch.full((len(batch), longest), self.pad_id, dtype=torch.long)
@@ -195,28 +224,33 @@ class GenerationEngine:
                                       else int.from_bytes(uuid.uuid4().bytes[:6], "little"))
             rows.append(_Row(request, [s for s in request.params.stop if s], generator))
         input_ids, attention = input_ids.to(device), attention.to(device)
-        steps = max(request.params.max_new_tokens for request in batch)
-        cache, next_input = None, input_ids
-        for step in range(steps):
-            positions = (attention.cumsum(-1) - 1).clamp(min=0)[:, -next_input.shape[1]:]
-            output = self.model(input_ids=next_input, attention_mask=attention, position_ids=positions,
-                                past_key_values=cache, use_cache=True)
-            cache = output.past_key_values
-            logits = output.logits[:, -1, :].float().cpu()
-            chosen = [self._sample(logits[index], row) for index, row in enumerate(rows)]
-            for row, token in zip(rows, chosen):
-                if not row.done:
-                    self._advance(row, token)
-            if all(row.done for row in rows):
-                break
-            next_input = torch.tensor(chosen, dtype=torch.long, device=device).unsqueeze(-1)
-            attention = torch.cat([attention, torch.ones((len(rows), 1), dtype=attention.dtype, device=device)], -1)
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        output = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
+                            past_key_values=DynamicCache(config=self.model.config), use_cache=True)
+        return rows, output.past_key_values, attention, self._step(rows, output.logits[:, -1, :])
+
+    def _step(self, rows: list[_Row], logits: torch.Tensor) -> torch.Tensor:
+        """Choose every row's next token, hand it to the row, and return them as the next input."""
+        logits = logits.float().cpu()
+        greedy = logits.argmax(-1).tolist()
+        chosen = [greedy[index] if row.done or row.request.params.temperature <= 0 else self._sample(logits[index], row)
+                  for index, row in enumerate(rows)]
+        for row, token in zip(rows, chosen):
+            if not row.done:
+                self._advance(row, token)
+        return torch.tensor(chosen, dtype=torch.long, device=self.model.device)
+
+    def _take_waiting(self, adapter: str | None, room: int) -> list[Request]:
+        """Requests for `adapter` waiting now (no waiting for more), up to `room`."""
+        with self._ready:
+            taken = [request for request in self._pending if request.adapter == adapter][:room]
+            for request in taken:
+                self._pending.remove(request)
+        return [request for request in taken if not self._skip_cancelled(request)]
 
     @staticmethod
     def _sample(logits: torch.Tensor, row: _Row) -> int:
         params = row.request.params
-        if row.done or params.temperature <= 0:
-            return int(logits.argmax())
         logits = logits / params.temperature
         if params.top_k > 0:
             threshold = torch.topk(logits, min(params.top_k, logits.numel())).values[-1]
@@ -273,3 +307,25 @@ class GenerationEngine:
         row.done = True
         row.request.sink(Finished(reason, len(row.tokens), len(row.request.prompt_ids)))
 
+
+def _joinable(cache) -> bool:
+    """Whether rows can be added to this cache: plain per-layer key/value tensors (no sliding windows)."""
+    return all(type(layer).__name__ == "DynamicLayer" for layer in getattr(cache, "layers", [None]))
+
+
+def _merge(cache, new_cache, attention: torch.Tensor, new_attention: torch.Tensor) -> torch.Tensor:
+    """Append `new_cache`'s rows to `cache` (both left-padded to the longer one) and return the joined mask."""
+    length = max(attention.shape[1], new_attention.shape[1])
+
+    def pad_left(tensor, dim):
+        missing = length - tensor.shape[dim]
+        if not missing:
+            return tensor
+        shape = list(tensor.shape)
+        shape[dim] = missing
+        return torch.cat([tensor.new_zeros(shape), tensor], dim)
+
+    for layer, new_layer in zip(cache.layers, new_cache.layers):
+        layer.keys = torch.cat([pad_left(layer.keys, 2), pad_left(new_layer.keys, 2)])
+        layer.values = torch.cat([pad_left(layer.values, 2), pad_left(new_layer.values, 2)])
+    return torch.cat([pad_left(attention, 1), pad_left(new_attention, 1)])

@@ -178,17 +178,6 @@ class ChatModel:
         worker.join()
 
 
-def read_queries(path: str) -> list[dict]:
-    """Questions to answer, each {"messages", "reference", "tools", "source"}, from any query format."""
-    from medgpt.data import DataReport, load_records, query_to_messages
-
-    def convert(record):
-        messages, reference, tools = query_to_messages(record)
-        return {"messages": messages, "reference": reference, "tools": tools}
-
-    return load_records(path, "query", DataReport("queries"), skip_invalid=False, converter=convert)
-
-
 def answer_rows(chat_model: ChatModel, queries: list[dict], generation: GenerationArguments, batch_size: int) -> list[dict]:
     """One output row per query, in order: {"input", "output"}, plus "tool_calls" when the query has tools
     and "reference" when it carries one."""

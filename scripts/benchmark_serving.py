@@ -72,6 +72,7 @@ async def run_level(base_url: str, model: str, clients: int, requests: int, max_
     await asyncio.gather(*(one_client(client, model, [pool[(c * requests + r) % len(pool)] for r in range(requests)],
                                       max_tokens, results) for c in range(clients)))
     elapsed = time.perf_counter() - start
+    await client.close()
     ttfts = sorted(result["ttft"] for result in results)
     return {"clients": clients, "requests": len(results), "seconds": round(elapsed, 2),
             "requests_per_s": round(len(results) / elapsed, 3),

@@ -1,13 +1,21 @@
 #!/usr/bin/env bash
-# Create .venv with the pinned environment; `--test` adds the test tools.
+# Create .venv with the pinned environment; `--test` adds the test tools; `--vllm` makes .venv-vllm.
 # torch is pinned (constraints.txt) so that no later install step swaps it for another build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 REQUIREMENTS=requirements.txt
-if [ "${1:-}" = "--test" ]; then REQUIREMENTS=requirements-test.txt; elif [ -n "${1:-}" ]; then
-  echo "usage: bash scripts/setup_env.sh [--test]" >&2; exit 2
+if [ "${1:-}" = "--test" ]; then REQUIREMENTS=requirements-test.txt
+elif [ "${1:-}" = "--vllm" ]; then
+  # vLLM gets .venv-vllm: it pins another torch and transformers than training uses.
+  VENV=${VENV_VLLM:-.venv-vllm}
+  [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r requirements-vllm.txt
+  echo "vLLM environment ready: $VENV (CUDA GPUs only; see scripts/serve_vllm.sh)"
+  exit 0
+elif [ -n "${1:-}" ]; then
+  echo "usage: bash scripts/setup_env.sh [--test | --vllm]" >&2; exit 2
 fi
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r "$REQUIREMENTS" -c constraints.txt

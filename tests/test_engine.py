@@ -65,3 +65,29 @@ def test_a_full_queue_is_refused_at_once(chat_model):
         with pytest.raises(EngineBusy, match="busy: 1 requests are waiting"):
             engine.submit(ids, SamplingParams(), lambda event: None)
         waiting.cancel()
+
+
+def test_a_request_arriving_mid_answer_joins_the_running_batch(chat_model, engine):
+    import queue
+
+    alone = engine.generate(prompt(chat_model, QUESTIONS[1]), SamplingParams(max_new_tokens=6))[0]
+    order, first_piece = queue.Queue(), queue.Queue()
+
+    def sink(name):
+        def put(event):
+            if isinstance(event, Finished):
+                order.put((name, event))
+            else:
+                first_piece.put(name)
+        return put
+
+    engine.submit(prompt(chat_model, QUESTIONS[0]), SamplingParams(max_new_tokens=300, stop=["never"]), sink("long"))
+    assert first_piece.get(timeout=60) == "long"  # the long answer is being decoded
+    pieces = []
+    late = engine.submit(prompt(chat_model, QUESTIONS[1]), SamplingParams(max_new_tokens=6),
+                         lambda e: order.put(("late", e)) if isinstance(e, Finished) else pieces.append(e))
+    name, finished = order.get(timeout=60)
+    assert name == "late", "the late request waited for the long one to finish"
+    assert "".join(pieces) == alone and finished.reason in ("stop", "length")
+    assert late.cancelled.is_set() is False
+    assert order.get(timeout=120)[0] == "long"
