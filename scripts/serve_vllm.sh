@@ -22,7 +22,7 @@ if [ ! -f "$MODEL/config.json" ]; then
   echo "error: $MODEL: not a model folder (vLLM serves merged models; merge an adapter with scripts/merge_lora.sh)" >&2; exit 2
 fi
 # shellcheck disable=SC2086  # LORA_MODULES is a list of name=path words
-exec "$VLLM_PYTHON" -m vllm.entrypoints.openai.api_server --model "$MODEL" --served-model-name "$SERVED_MODEL_NAME" \
+exec "$(dirname "$VLLM_PYTHON")/vllm" serve "$MODEL" --served-model-name "$SERVED_MODEL_NAME" \
   --host "$HOST" --port "$PORT" --max-model-len "$MAX_MODEL_LEN" \
   ${API_KEY:+--api-key "$API_KEY"} \
   ${LORA_MODULES:+--enable-lora --lora-modules $LORA_MODULES} "$@"
