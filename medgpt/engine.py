@@ -36,6 +36,7 @@ class SamplingParams:
     top_k: int = 0  # 0: no limit
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    repetition_penalty: float = 1.0  # above 1 discourages tokens already in the prompt or the answer
     keep_special_tokens: bool = False  # tool-call markers are special tokens the parser needs
 
 
@@ -232,6 +233,12 @@ class GenerationEngine:
     def _step(self, rows: list[_Row], logits: torch.Tensor) -> torch.Tensor:
         """Choose every row's next token, hand it to the row, and return them as the next input."""
         logits = logits.float().cpu()
+        for index, row in enumerate(rows):
+            penalty = row.request.params.repetition_penalty
+            if penalty != 1 and not row.done:  # as transformers applies it: divide positive logits, multiply negative
+                seen = torch.tensor(sorted(set(row.request.prompt_ids) | set(row.tokens)), dtype=torch.long)
+                values = logits[index, seen]
+                logits[index, seen] = torch.where(values > 0, values / penalty, values * penalty)
         greedy = logits.argmax(-1).tolist()
         chosen = [greedy[index] if row.done or row.request.params.temperature <= 0 else self._sample(logits[index], row)
                   for index, row in enumerate(rows)]

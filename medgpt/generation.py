@@ -1,7 +1,6 @@
 """Loading a trained model for inference and generating answers: batched (left padding) or streamed."""
 
 import logging
-import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -31,17 +30,12 @@ class GenerationArguments:
         at_least(self, "top_k", 0)
         require(self.repetition_penalty > 0, "repetition_penalty", "must be positive", self.repetition_penalty)
 
-    def generate_kwargs(self) -> dict:
-        if self.temperature <= 0:
-            return {"do_sample": False, "max_new_tokens": self.max_new_tokens, "repetition_penalty": self.repetition_penalty}
-        return {
-            "do_sample": True,
-            "max_new_tokens": self.max_new_tokens,
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "top_k": self.top_k,
-            "repetition_penalty": self.repetition_penalty,
-        }
+    def sampling(self, **extra):
+        """These settings as the engine's SamplingParams."""
+        from medgpt.engine import SamplingParams
+
+        return SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
+                              top_k=self.top_k, seed=self.seed, repetition_penalty=self.repetition_penalty, **extra)
 
 
 @dataclass
@@ -102,12 +96,14 @@ class ChatModel:
         self.stop_token_ids = self.chat_format.stop_token_ids()
         logger.info("model %s%s ready, template: %s", base, f" + {args.lora_model}" if args.lora_model else "", self.chat_format.name)
 
-    def start_engine(self, context_length: int | None = None, max_batch_size: int = 8, max_queue: int = 64):
+    def start_engine(self, context_length: int | None = None, max_batch_size: int = 8, max_queue: int = 64,
+                     **options):
         """The serving engine over this model (after any adapters were added to `self.model`)."""
         from medgpt.engine import GenerationEngine
 
         context = context_length or getattr(self.model.config, "max_position_embeddings", None) or 2048
-        return GenerationEngine(self.model.eval(), self.tokenizer, self.stop_token_ids, context, max_batch_size, max_queue)
+        return GenerationEngine(self.model.eval(), self.tokenizer, self.stop_token_ids, context, max_batch_size,
+                                max_queue, **options)
 
     def with_system(self, messages: list[dict]) -> list[dict]:
         if self.system_prompt and messages[0]["role"] != "system":
@@ -123,59 +119,50 @@ class ChatModel:
         except TemplateError as error:
             raise InputError(str(error), *where) from None
 
-    def _inputs(self, conversations: list[list[dict]], tools: list | None = None):
-        tools = tools or [None] * len(conversations)
-        prompts = [self.prompt(m, t) for m, t in zip(conversations, tools, strict=True)]
-        encoded = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-        return encoded.to(self.model.device)
+    def _engine(self, batch_size: int):
+        """The serving engine, shared by batch answers and streaming (one worker owns the model)."""
+        if getattr(self, "_engine_instance", None) is None or self._engine_instance.max_batch_size != batch_size:
+            self._engine_instance = self.start_engine(max_batch_size=batch_size, max_queue=1_000_000, gather_seconds=0)
+        return self._engine_instance
 
-    def _generate_kwargs(self, generation: GenerationArguments) -> dict:
-        return dict(
-            generation.generate_kwargs(),
-            eos_token_id=self.stop_token_ids or None,
-            pad_token_id=self.tokenizer.pad_token_id,
-        )
+    def _ids(self, messages: list[dict], tools=None) -> list[int]:
+        return self.tokenizer(self.prompt(messages, tools), add_special_tokens=False)["input_ids"]
 
-    @torch.inference_mode()
     def answer_batch(self, conversations: list[list[dict]], generation: GenerationArguments, batch_size: int = 8,
                      tools: list | None = None) -> list[str]:
-        """One answer per conversation, in the same order, generated `batch_size` at a time; `tools`, when
-        given, holds each conversation's tool definitions (or None)."""
+        """One answer per conversation, in the same order, `batch_size` decoded together by the engine;
+        `tools`, when given, holds each conversation's tool definitions (or None). With tools, special tokens
+        such as Mistral's [TOOL_CALLS] stay in the text for the tool-call parser."""
+        import queue
+
         from tqdm.auto import tqdm
 
-        torch.manual_seed(generation.seed)
-        answers = []
-        for start in tqdm(range(0, len(conversations), batch_size), desc="generating", unit="batch"):
-            inputs = self._inputs(conversations[start : start + batch_size],
-                                  tools[start : start + batch_size] if tools else None)
-            output = self.model.generate(**inputs, **self._generate_kwargs(generation))
-            new_tokens = output[:, inputs["input_ids"].shape[1] :]
-            answers += self._decode(new_tokens, keep_special_tokens=bool(tools))
-        return answers
+        from medgpt.engine import Finished
 
-    def _decode(self, new_tokens, keep_special_tokens: bool) -> list[str]:
-        """Answer texts. With tools, markers such as Mistral's [TOOL_CALLS] are special tokens that the
-        tool-call parser needs: they are kept, and each answer is cut at its first end-of-turn marker."""
-        if not keep_special_tokens:
-            return [text.strip() for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
-        stops = {self.tokenizer.decode([token]) for token in self.stop_token_ids} | {self.tokenizer.pad_token or ""}
-        answers = []
-        for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=False):
-            cut = min((text.find(stop) for stop in stops if stop and stop in text), default=len(text))
-            answers.append(text[:cut].strip())
-        return answers
+        engine, events = self._engine(batch_size), queue.Queue()
+        tools = tools or [None] * len(conversations)
+        texts = [[] for _ in conversations]
+        for index, (messages, definitions) in enumerate(zip(conversations, tools, strict=True)):
+            ids = self._ids(messages, definitions)
+            params = generation.sampling(keep_special_tokens=bool(definitions))
+            params.max_new_tokens = max(1, engine.max_new_tokens(len(ids), params.max_new_tokens))
+            engine.submit(ids, params, lambda event, i=index: events.put((i, event)))
+        with tqdm(total=len(conversations), desc="generating", unit="answer") as progress:
+            for _ in range(len(conversations)):
+                while True:
+                    index, event = events.get()
+                    if not isinstance(event, Finished):
+                        texts[index].append(event)
+                        continue
+                    if event.reason == "error":
+                        raise RuntimeError(f"generation failed: {event.error}")
+                    progress.update()
+                    break
+        return ["".join(pieces).strip() for pieces in texts]
 
     def stream_answer(self, messages: list[dict], generation: GenerationArguments):
         """Yield the answer to one conversation piece by piece as it is generated."""
-        from transformers import TextIteratorStreamer
-
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        inputs = self._inputs([messages])
-        kwargs = dict(inputs, streamer=streamer, **self._generate_kwargs(generation))
-        worker = threading.Thread(target=lambda: self.model.generate(**kwargs), daemon=True)
-        worker.start()
-        yield from streamer
-        worker.join()
+        yield from self._engine(1).stream(self._ids(messages), generation.sampling())
 
 
 def answer_rows(chat_model: ChatModel, queries: list[dict], generation: GenerationArguments, batch_size: int) -> list[dict]:

@@ -27,14 +27,18 @@ def prompt(chat_model, question):
     return chat_model.tokenizer(chat_model.prompt([{"role": "user", "content": question}]), add_special_tokens=False)["input_ids"]
 
 
-def test_greedy_answers_match_batch_inference_and_stop_strings_cut_the_text(chat_model, engine):
-    from medgpt.generation import GenerationArguments
+def test_greedy_answers_match_transformers_generate_and_stop_strings_cut_the_text(chat_model, engine):
+    import torch
 
-    expected = chat_model.answer_batch([[{"role": "user", "content": q}] for q in QUESTIONS],
-                                       GenerationArguments(max_new_tokens=10, temperature=0))
-    for question, answer in zip(QUESTIONS, expected):
-        text, finished = engine.generate(prompt(chat_model, question), SamplingParams(max_new_tokens=10))
-        assert text.strip() == answer
+    for question in QUESTIONS:
+        ids = prompt(chat_model, question)
+        with torch.no_grad():
+            reference = chat_model.model.generate(torch.tensor([ids]), max_new_tokens=10, do_sample=False,
+                                                  eos_token_id=chat_model.stop_token_ids)[0, len(ids):]
+        stops = set(chat_model.stop_token_ids)
+        reference = [t for t in reference.tolist() if t not in stops]  # generate keeps the stop token
+        text, finished = engine.generate(ids, SamplingParams(max_new_tokens=10))
+        assert text == chat_model.tokenizer.decode(reference, skip_special_tokens=True)
         assert finished.reason in ("stop", "length") and finished.completion_tokens <= 10
     text, _ = engine.generate(prompt(chat_model, QUESTIONS[0]), SamplingParams(max_new_tokens=10))
     stop = text[3:6]
@@ -91,3 +95,15 @@ def test_a_request_arriving_mid_answer_joins_the_running_batch(chat_model, engin
     assert "".join(pieces) == alone and finished.reason in ("stop", "length")
     assert late.cancelled.is_set() is False
     assert order.get(timeout=120)[0] == "long"
+
+
+def test_special_tokens_are_kept_only_when_asked(chat_model, engine):
+    from medgpt.engine import _Row
+
+    text_ids = chat_model.tokenizer("<|im_start|>call", add_special_tokens=False)["input_ids"]
+    for keep, expected in ((True, "<|im_start|>call"), (False, "call")):
+        pieces = []
+        row = _Row(Request([1], SamplingParams(keep_special_tokens=keep), pieces.append), [], None)
+        row.tokens = text_ids
+        engine._flush(row, final=True)
+        assert "".join(pieces) == expected

@@ -265,14 +265,6 @@ def test_batch_inference_keeps_order_and_matches_one_at_a_time(tiny_model_dir, r
     assert [row["output"] for row in rows] == alone
     assert len(set(alone)) > 1  # the answers differ, so a shuffled order would be caught
 
-    # With tools, special tokens stay in the answer for the call parser, which is cut at its end of turn.
-    tokenizer = model.tokenizer
-    generated = tokenizer('<tool_call>\n{"name": "bmi", "arguments": {"kg": 70}}\n</tool_call><|im_end|>\nnoise',
-                          add_special_tokens=False, return_tensors="pt")["input_ids"]
-    answer, = model._decode(generated, keep_special_tokens=True)
-    assert answer == '<tool_call>\n{"name": "bmi", "arguments": {"kg": 70}}\n</tool_call>'
-    assert model.chat_format.parse_tool_calls(answer, [{"type": "function", "function": {"name": "bmi"}}])[1] == [
-        {"type": "function", "function": {"name": "bmi", "arguments": {"kg": 70}}}]
 
 
 def test_interactive_chat_streams_answers_and_clears_history(tiny_model_dir, tmp_path):
