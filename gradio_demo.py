@@ -12,12 +12,12 @@ import logging
 import sys
 from dataclasses import dataclass, field
 
+from medgpt.api import check_port_free
 from medgpt.arguments import at_least, parse_args, setup_logging
 from medgpt.encoding import drop_oldest_exchange
 from medgpt.engine import EngineBusy, SamplingParams
 from medgpt.errors import exit_on_input_error
 from medgpt.generation import ChatModel, InferenceModelArguments
-from openai_api import check_port_free
 
 logger = logging.getLogger(__name__)
 

@@ -9,7 +9,6 @@ Concurrent requests are answered together by one engine (medgpt/engine.py); see 
 
 import logging
 import os
-import socket
 import sys
 from dataclasses import dataclass, field
 
@@ -50,20 +49,11 @@ class ApiArguments:
         self.adapters = adapters
 
 
-def check_port_free(host: str, port: int) -> None:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        try:
-            probe.bind((host, port))
-        except OSError as error:
-            raise InputError(f"cannot listen on {host}:{port}: {error.strerror} (is another server running? "
-                             "pass --port)") from None
-
-
 @exit_on_input_error
 def main(argv=None):
     import uvicorn
 
-    from medgpt.api import ModelService, build_app
+    from medgpt.api import ModelService, build_app, check_port_free
 
     model_args, api_args = parse_args((InferenceModelArguments, ApiArguments), argv)
     setup_logging()

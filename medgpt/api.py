@@ -8,14 +8,26 @@ and the simple POST /chat and POST /diagnose. Errors are in OpenAI's shape,
 import asyncio
 import hmac
 import json
+import socket
 import time
 import uuid
 
 from medgpt.data import RecordError, request_messages
+from medgpt.errors import InputError
 from medgpt.engine import EngineBusy, Finished, SamplingParams
 
 DISCLAIMER = ("For research and education only: not medical advice. Consult a qualified clinician for diagnosis "
               "and treatment; in an emergency call your local emergency number.")
+
+
+def check_port_free(host: str, port: int) -> None:
+    """A one-line error now, rather than a traceback from the server after minutes of model loading."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            raise InputError(f"cannot listen on {host}:{port}: {error.strerror} (is another server running? "
+                             "pass --port)") from None
 
 
 class ApiError(Exception):
