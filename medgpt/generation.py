@@ -8,8 +8,8 @@ import torch
 from medgpt.arguments import at_least, require
 from medgpt.chat import ChatFormat
 from medgpt.errors import InputError
-from medgpt.modeling import (check_adapter_path, check_model_path, hub_kwargs, load_adapter, resolve_dtype,
-                             tokenizer_folder)
+from medgpt.modeling import (bitsandbytes_config, check_adapter_path, check_model_path, hub_kwargs, load_adapter,
+                             open_tokenizer, resolve_dtype, tokenizer_folder)
 
 logger = logging.getLogger(__name__)
 
@@ -59,18 +59,15 @@ class ChatModel:
         """`queries_to_check` ({"messages", "tools", "source"}) are rendered before the weights load, so a
         conversation the template cannot render fails at once, naming its line. `device` puts the whole model
         on one device (a data-parallel process); by default it is spread over the GPUs there are."""
-        from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+        from transformers import AutoModelForCausalLM
 
         base = check_model_path(args.base_model, "--base_model")
         if args.lora_model:
             check_adapter_path(args.lora_model, "--lora_model")
         tokenizer_source = tokenizer_folder(base, args.lora_model)
-        self.tokenizer = AutoTokenizer.from_pretrained(
-            tokenizer_source, **hub_kwargs(tokenizer_source, trust_remote_code=args.trust_remote_code)
-        )
-        self.tokenizer.padding_side = "left"  # generation continues from the right end of every row
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.unk_token or self.tokenizer.eos_token
+        # Left padding: generation continues from the right end of every row.
+        self.tokenizer = open_tokenizer(tokenizer_source, "left",
+                                        **hub_kwargs(tokenizer_source, trust_remote_code=args.trust_remote_code))
         self.chat_format = ChatFormat.for_model(args.template_name, self.tokenizer)
         self.system_prompt = args.system_prompt
         for query in queries_to_check:
@@ -79,10 +76,9 @@ class ChatModel:
 
         dtype = resolve_dtype(args.torch_dtype)
         kwargs = dict(hub_kwargs(base, trust_remote_code=args.trust_remote_code), dtype=dtype)
-        if args.load_in_4bit or args.load_in_8bit:
-            kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit, bnb_4bit_compute_dtype=dtype
-            )
+        quantization = bitsandbytes_config(args.load_in_4bit, args.load_in_8bit, dtype)
+        if quantization is not None:
+            kwargs["quantization_config"] = quantization
         if device is not None:
             kwargs["device_map"] = {"": device}
         elif torch.cuda.is_available():

@@ -86,13 +86,9 @@ def hub_kwargs(path: str, model_args=None, trust_remote_code: bool | None = None
     return kwargs
 
 
-def load_tokenizer(model_args, padding_side: str = "right"):
-    if model_args.tokenizer_name_or_path:
-        path = check_model_path(model_args.tokenizer_name_or_path, "--tokenizer_name_or_path", needs_weights=False,
-                                cache_dir=model_args.cache_dir)
-    else:
-        path = check_model_path(model_args.model_name_or_path, cache_dir=model_args.cache_dir)
-    tokenizer = AutoTokenizer.from_pretrained(path, **hub_kwargs(path, model_args))
+def open_tokenizer(path: str, padding_side: str = "right", **load):
+    """The tokenizer at `path`, with a pad token (every stage, inference and the reward scorer set it alike)."""
+    tokenizer = AutoTokenizer.from_pretrained(path, **load)
     if tokenizer.pad_token is None:
         # Padding positions are masked out of attention and loss, so any existing token serves.
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
@@ -100,17 +96,27 @@ def load_tokenizer(model_args, padding_side: str = "right"):
     return tokenizer
 
 
-def quantization_config(model_args, dtype: torch.dtype):
-    if model_args.load_in_4bit:
-        return BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=model_args.qlora,
-            bnb_4bit_compute_dtype=dtype,
-        )
-    if model_args.load_in_8bit:
+def load_tokenizer(model_args, padding_side: str = "right"):
+    if model_args.tokenizer_name_or_path:
+        path = check_model_path(model_args.tokenizer_name_or_path, "--tokenizer_name_or_path", needs_weights=False,
+                                cache_dir=model_args.cache_dir)
+    else:
+        path = check_model_path(model_args.model_name_or_path, cache_dir=model_args.cache_dir)
+    return open_tokenizer(path, padding_side, **hub_kwargs(path, model_args))
+
+
+def bitsandbytes_config(load_in_4bit: bool, load_in_8bit: bool, dtype: torch.dtype, double_quant: bool = False):
+    """4-bit NF4 (compute in `dtype`) or 8-bit weights, or None."""
+    if load_in_4bit:
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                  bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=dtype)
+    if load_in_8bit:
         return BitsAndBytesConfig(load_in_8bit=True)
     return None
+
+
+def quantization_config(model_args, dtype: torch.dtype):
+    return bitsandbytes_config(model_args.load_in_4bit, model_args.load_in_8bit, dtype, double_quant=model_args.qlora)
 
 
 def device_map():

@@ -108,9 +108,10 @@ class RewardModelScorer:
     """Scores prompt + completion with a sequence-classification reward model (the RM stage's output)."""
 
     def __init__(self, path: str, chat_format, device=None, dtype=torch.float32):
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoModelForSequenceClassification
 
-        from medgpt.modeling import adapter_base_model, check_model_path, hub_kwargs, is_adapter_folder, load_adapter
+        from medgpt.modeling import (adapter_base_model, check_model_path, hub_kwargs, is_adapter_folder, load_adapter,
+                                     open_tokenizer)
 
         if not os.path.isdir(path):
             raise InputError("reward model folder not found (--reward_model_path)", path)
@@ -121,12 +122,10 @@ class RewardModelScorer:
             check_model_path(base, "the reward adapter's base model")
         else:
             base = check_model_path(path, "--reward_model_path")
-        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.tokenizer = open_tokenizer(path, local_files_only=True)
         model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, dtype=dtype, **hub_kwargs(base))
         if is_adapter_folder(path):
             model = load_adapter(model, path, "--reward_model_path").merge_and_unload()
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
         model.config.pad_token_id = self.tokenizer.pad_token_id
         self.model = model.eval().requires_grad_(False).to(device or "cpu")
         self.chat_format = chat_format
