@@ -162,7 +162,7 @@ def build_app(service: ModelService):
         try:
             for index in range(n):
                 choice_params = SamplingParams(**{**params.__dict__, "seed": None if params.seed is None else params.seed + index})
-                sink = (lambda i: lambda event: loop.call_soon_threadsafe(events.put_nowait, (i, event)))(index)
+                sink = _sink(loop, events, index)
                 requests.append(service.engine.submit(ids, choice_params, sink, service.models[model]))
         except EngineBusy as error:
             for submitted in requests:
@@ -259,7 +259,7 @@ def build_app(service: ModelService):
         params, _ = parse_sampling({"temperature": 0, **options}, len(ids), service.engine)
         events, loop = asyncio.Queue(), asyncio.get_running_loop()
         try:
-            submitted = service.engine.submit(ids, params, lambda e: loop.call_soon_threadsafe(events.put_nowait, e),
+            submitted = service.engine.submit(ids, params, _sink(loop, events),
                                               adapter)
         except EngineBusy as error:
             raise ApiError(503, str(error), code="server_busy", kind="server_error") from None
@@ -312,6 +312,17 @@ def build_app(service: ModelService):
         return {"assessment": assessment, "disclaimer": DISCLAIMER}
 
     return app
+
+
+def _sink(loop, events: asyncio.Queue, index: int | None = None):
+    """Where the engine's worker thread delivers a request's events: the request handler's queue, on its loop
+    (tagged with the choice's index when given). Once the server has stopped, events are dropped."""
+    def put(event):
+        try:
+            loop.call_soon_threadsafe(events.put_nowait, event if index is None else (index, event))
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            pass
+    return put
 
 
 def _openai_call(call: dict, index: int) -> dict:

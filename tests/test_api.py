@@ -207,18 +207,26 @@ class ScriptedEngine:
     context_length = 4096
 
     def __init__(self, answer: str):
-        self.answer, self.prompts = answer, []
+        self.answer, self.prompts, self.requests = answer, [], []
+        self.busy, self.delay = False, 0.0
 
     def submit(self, prompt_ids, params, sink, adapter=None):
-        from medgpt.engine import Finished, Request
+        from medgpt.engine import EngineBusy, Finished, Request
 
+        if self.busy:
+            raise EngineBusy("the server is busy: 64 requests are waiting")
         self.prompts.append(prompt_ids)
         request = Request(prompt_ids, params, sink, adapter)
+        self.requests.append(request)
 
         def run():
             pieces = [self.answer[i:i + 5] for i in range(0, len(self.answer), 5)]
-            for piece in pieces:
+            for count, piece in enumerate(pieces):
+                if request.cancelled.is_set():
+                    sink(Finished("cancelled", count, len(prompt_ids)))
+                    return
                 sink(piece)
+                time.sleep(self.delay)
             sink(Finished("stop", len(pieces), len(prompt_ids)))
 
         threading.Thread(target=run, daemon=True).start()
@@ -277,3 +285,30 @@ def test_tool_calls_in_the_answer_come_back_as_openai_tool_calls(scripted):
     # Without tools in the request the same text is plain content.
     plain = client.chat.completions.create(model="scripted", messages=[{"role": "user", "content": "Hi"}])
     assert plain.choices[0].finish_reason == "stop" and "<tool_call>" in plain.choices[0].message.content
+
+
+def test_a_full_queue_is_a_503_and_a_client_that_leaves_stops_its_generation(scripted):
+    import httpx
+
+    client, engine, _ = scripted
+    engine.busy = True
+    try:
+        with pytest.raises(openai.InternalServerError) as error:
+            client.chat.completions.create(model="scripted", messages=[{"role": "user", "content": "Hi"}])
+        assert error.value.status_code == 503 and error.value.body["code"] == "server_busy"
+    finally:
+        engine.busy = False
+    engine.delay = 0.2  # about 5 s for the whole answer
+    try:
+        body = {"model": "scripted", "stream": True, "messages": [{"role": "user", "content": "Hi"}]}
+        with httpx.stream("POST", str(client.base_url) + "chat/completions", json=body, timeout=30) as response:
+            for line in response.iter_lines():
+                if '"content": "Let' in line or '"content":"Let' in line:
+                    break  # the first words arrived; the client goes away
+        request = engine.requests[-1]
+        deadline = time.monotonic() + 10
+        while not request.cancelled.is_set() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert request.cancelled.is_set(), "the generation went on after the client left"
+    finally:
+        engine.delay = 0.0
