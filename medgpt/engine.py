@@ -59,6 +59,7 @@ class Request:
         self.sink = sink
         self.adapter = adapter  # a LoRA adapter's name, or None for the model as loaded
         self.cancelled = threading.Event()
+        self.created = time.monotonic()
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -226,8 +227,10 @@ class GenerationEngine:
             rows.append(_Row(request, [s for s in request.params.stop if s], generator))
         input_ids, attention = input_ids.to(device), attention.to(device)
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        # logits_to_keep=1: only the last position's logits are needed (the vocabulary projection of every
+        # prompt token would be a fifth of the prefill's work).
         output = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
-                            past_key_values=DynamicCache(config=self.model.config), use_cache=True)
+                            past_key_values=DynamicCache(config=self.model.config), use_cache=True, logits_to_keep=1)
         return rows, output.past_key_values, attention, self._step(rows, output.logits[:, -1, :])
 
     def _step(self, rows: list[_Row], logits: torch.Tensor) -> torch.Tensor:
@@ -248,9 +251,14 @@ class GenerationEngine:
         return torch.tensor(chosen, dtype=torch.long, device=self.model.device)
 
     def _take_waiting(self, adapter: str | None, room: int) -> list[Request]:
-        """Requests for `adapter` waiting now (no waiting for more), up to `room`."""
+        """Requests for `adapter` waiting now, up to `room`. Each join costs a forward pass over the newcomers'
+        prompts, so newcomers are taken together: once they fill the room, or once the oldest has waited
+        `gather_seconds` (clients that ask one after another within a step then share one prefill)."""
         with self._ready:
-            taken = [request for request in self._pending if request.adapter == adapter][:room]
+            waiting = [request for request in self._pending if request.adapter == adapter]
+            if not waiting or (len(waiting) < room and time.monotonic() - waiting[0].created < self.gather_seconds):
+                return []
+            taken = waiting[:room]
             for request in taken:
                 self._pending.remove(request)
         return [request for request in taken if not self._skip_cancelled(request)]
