@@ -107,3 +107,21 @@ def test_special_tokens_are_kept_only_when_asked(chat_model, engine):
         row.tokens = text_ids
         engine._flush(row, final=True)
         assert "".join(pieces) == expected
+
+
+def test_the_chat_page_drops_the_oldest_exchanges_never_the_system_prompt(chat_model):
+    from gradio_demo import fit_to_context
+
+    system = {"role": "system", "content": "You are a careful doctor."}
+    history = []
+    for turn in range(6):
+        history += [{"role": "user", "content": f"Question {turn}: " + "symptoms " * 20},
+                    {"role": "assistant", "content": f"Answer {turn}: " + "advice " * 20}]
+    messages = [system] + history + [{"role": "user", "content": "The newest question?"}]
+    full = len(chat_model._ids(messages))
+    ids = fit_to_context(chat_model, messages, room=full // 2)
+    text = chat_model.tokenizer.decode(ids)
+    assert len(ids) <= full // 2
+    assert "You are a careful doctor." in text and "The newest question?" in text
+    assert "Question 0" not in text and "Question 5" in text
+    assert fit_to_context(chat_model, messages, room=full) == chat_model._ids(messages)  # it fits: untouched
