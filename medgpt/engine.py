@@ -9,6 +9,7 @@ incomplete UTF-8 characters wait for their last byte. A request whose client wen
 stops using the batch; a full queue is refused at once (EngineBusy), never left to hang.
 """
 
+import atexit
 import contextlib
 import logging
 import queue
@@ -90,8 +91,19 @@ class GenerationEngine:
         self.gather_seconds = gather_seconds
         self._pending: deque[Request] = deque()
         self._ready = threading.Condition()
+        self._closed = False
         self._worker = threading.Thread(target=self._serve, name="generation-engine", daemon=True)
         self._worker.start()
+        # A daemon thread still inside a torch operation when the interpreter exits aborts the process
+        # ("terminate called without an active exception"): let the worker finish its step and stop first.
+        atexit.register(self.close)
+
+    def close(self) -> None:
+        """Stop the worker after its current step; requests still waiting end as cancelled."""
+        with self._ready:
+            self._closed = True
+            self._ready.notify_all()
+        self._worker.join(timeout=60)
 
     # ----- callers --------------------------------------------------------------------------------------
 
@@ -138,16 +150,25 @@ class GenerationEngine:
         """Up to max_batch_size waiting requests, oldest first, all for the same adapter. Requests that arrive
         within `gather_seconds` of the first join it: clients that ask at the same moment share a batch."""
         with self._ready:
-            while not self._pending:
+            while not self._pending and not self._closed:
                 self._ready.wait()
+            if self._closed:
+                batch, self._pending = list(self._pending), deque()
+                for request in batch:
+                    request.cancel()
+                return [request for request in batch if not self._skip_cancelled(request)]
             deadline = time.monotonic() + self.gather_seconds
             while len(self._pending) < self.max_batch_size and (left := deadline - time.monotonic()) > 0:
                 self._ready.wait(left)
-            adapter = self._pending[0].adapter
-            batch = [request for request in self._pending if request.adapter == adapter][: self.max_batch_size]
-            for request in batch:
-                self._pending.remove(request)
+            batch = self._pop_waiting(self._pending[0].adapter, self.max_batch_size)
         return [request for request in batch if not self._skip_cancelled(request)]
+
+    def _pop_waiting(self, adapter: str | None, room: int) -> list[Request]:
+        """Take up to `room` waiting requests for `adapter`, oldest first (the caller holds `_ready`)."""
+        taken = [request for request in self._pending if request.adapter == adapter][:room]
+        for request in taken:
+            self._pending.remove(request)
+        return taken
 
     def _adapter(self, name: str | None):
         """The model with `name`'s LoRA adapter active, or (None) with adapters off."""
@@ -161,7 +182,7 @@ class GenerationEngine:
         return contextlib.nullcontext()
 
     def _serve(self) -> None:
-        while True:
+        while not self._closed:
             batch = self._next_batch()
             if not batch:
                 continue
@@ -187,6 +208,9 @@ class GenerationEngine:
         adapter = batch[0].adapter
         rows, cache, attention, tokens = self._prefill(batch)
         while True:
+            if self._closed:  # the process is ending: every row stops at its next token
+                for row in rows:
+                    row.request.cancel()
             active = [index for index, row in enumerate(rows) if not row.done]
             if len(active) < len(rows):
                 if not active:
@@ -258,9 +282,7 @@ class GenerationEngine:
             waiting = [request for request in self._pending if request.adapter == adapter]
             if not waiting or (len(waiting) < room and time.monotonic() - waiting[0].created < self.gather_seconds):
                 return []
-            taken = waiting[:room]
-            for request in taken:
-                self._pending.remove(request)
+            taken = self._pop_waiting(adapter, room)
         return [request for request in taken if not self._skip_cancelled(request)]
 
     @staticmethod

@@ -125,3 +125,15 @@ def test_the_chat_page_drops_the_oldest_exchanges_never_the_system_prompt(chat_m
     assert "You are a careful doctor." in text and "The newest question?" in text
     assert "Question 0" not in text and "Question 5" in text
     assert fit_to_context(chat_model, messages, room=full) == chat_model._ids(messages)  # it fits: untouched
+
+
+def test_closing_stops_the_worker_and_ends_running_requests(chat_model):
+    engine = GenerationEngine(chat_model.model, chat_model.tokenizer, chat_model.stop_token_ids, 1024)
+    events = []
+    engine.submit(prompt(chat_model, QUESTIONS[0]), SamplingParams(max_new_tokens=500, stop=["never"]), events.append)
+    deadline = time.monotonic() + 30
+    while not events and time.monotonic() < deadline:  # generation has started
+        time.sleep(0.01)
+    engine.close()
+    assert not engine._worker.is_alive()
+    assert isinstance(events[-1], Finished) and events[-1].reason == "cancelled" and events[-1].completion_tokens < 500
