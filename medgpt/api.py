@@ -7,6 +7,7 @@ and the simple POST /chat and POST /diagnose. Errors are in OpenAI's shape,
 
 import asyncio
 import hmac
+from dataclasses import replace
 import json
 import socket
 import time
@@ -53,13 +54,12 @@ class ModelService:
         self.created = int(time.time())
 
 
-def _field(body: dict, name: str, kinds, default=None, check=None, message=""):
-    value = body.get(name, default)
+def _field(body: dict, name: str, kinds: tuple, default, message: str, check=None):
+    """body[name] when it is of `kinds` (a JSON true/false is no number) and passes `check`; else a 400."""
+    value = body.get(name)
     if value is None:
         return default
-    if isinstance(value, bool) and bool not in (kinds if isinstance(kinds, tuple) else (kinds,)):
-        raise ApiError(400, f"'{name}' must be {message or kinds}, got {json.dumps(value)}", name)
-    if not isinstance(value, kinds) or (check and not check(value)):
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds) or (check and not check(value)):
         raise ApiError(400, f"'{name}' must be {message}, got {json.dumps(value)}", name)
     return value
 
@@ -67,18 +67,18 @@ def _field(body: dict, name: str, kinds, default=None, check=None, message=""):
 def parse_sampling(body: dict, prompt_length: int, engine) -> tuple[SamplingParams, int]:
     """The request's sampling settings (clamped to the context) and n."""
     number = (int, float)
-    temperature = _field(body, "temperature", number, 1.0, lambda v: 0 <= v <= 2, "a number from 0 to 2")
-    top_p = _field(body, "top_p", number, 1.0, lambda v: 0 < v <= 1, "a number in (0, 1]")
-    top_k = _field(body, "top_k", int, 0, lambda v: v >= -1, "an integer, -1 or 0 for no limit")
-    n = _field(body, "n", int, 1, lambda v: 1 <= v <= 16, "an integer from 1 to 16")
-    seed = _field(body, "seed", int, None)
+    temperature = _field(body, "temperature", number, 1.0, "a number from 0 to 2", lambda v: 0 <= v <= 2)
+    top_p = _field(body, "top_p", number, 1.0, "a number in (0, 1]", lambda v: 0 < v <= 1)
+    top_k = _field(body, "top_k", (int,), 0, "an integer, -1 or 0 for no limit", lambda v: v >= -1)
+    n = _field(body, "n", (int,), 1, "an integer from 1 to 16", lambda v: 1 <= v <= 16)
+    seed = _field(body, "seed", (int,), None, "an integer")
     stop = body.get("stop")
     stop = [stop] if isinstance(stop, str) else stop
     if stop is not None and not (isinstance(stop, list) and len(stop) <= 16 and all(isinstance(s, str) for s in stop)):
         raise ApiError(400, "'stop' must be a string or a list of up to 16 strings", "stop")
     limit = None
     for name in ("max_tokens", "max_completion_tokens"):  # the newer name wins
-        limit = _field(body, name, int, limit, lambda v: v >= 1, "a positive integer")
+        limit = _field(body, name, (int,), limit, "a positive integer", lambda v: v >= 1)
     room = engine.context_length - prompt_length
     if room < 1:
         raise ApiError(400, f"the prompt has {prompt_length} tokens, the model's context is {engine.context_length}: "
@@ -154,16 +154,16 @@ def build_app(service: ModelService):
         ids = prompt_ids(messages, tools)
         params, n = parse_sampling(body, len(ids), service.engine)
         params.keep_special_tokens = bool(tools)
-        stream = _field(body, "stream", bool, False, message="true or false")
+        stream = _field(body, "stream", (bool,), False, "true or false")
         include_usage = bool((body.get("stream_options") or {}).get("include_usage")) if stream else False
         completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         events, requests = asyncio.Queue(), []
         loop = asyncio.get_running_loop()
         try:
             for index in range(n):
-                choice_params = SamplingParams(**{**params.__dict__, "seed": None if params.seed is None else params.seed + index})
-                sink = _sink(loop, events, index)
-                requests.append(service.engine.submit(ids, choice_params, sink, service.models[model]))
+                choice_params = replace(params, seed=None if params.seed is None else params.seed + index)
+                requests.append(service.engine.submit(ids, choice_params, _sink(loop, events, index),
+                                                      service.models[model]))
         except EngineBusy as error:
             for submitted in requests:
                 submitted.cancel()

@@ -118,8 +118,7 @@ def refuse_or_count(error: Exception, record: dict, report: DataReport, skip_inv
     """A record the template cannot render (tools it has no format for, ...): an error naming the record's
     line, or with --skip_invalid_records a counted rejection."""
     if not skip_invalid:
-        path, _, line = record["source"].rpartition(":")
-        raise InputError(str(error), path, line) from None
+        raise InputError.at(str(error), record["source"]) from None
     report.reject("the template cannot render it", record["source"])
 
 
@@ -137,11 +136,10 @@ def encode_conversations(records, chat_format, tokenizer, max_length, train_on_i
             )
         except PromptTooLong as error:
             if not skip_invalid:
-                path, _, line = record["source"].rpartition(":")
                 hint = "raise --model_max_length, pass --skip_invalid_records True"
                 if not truncate_long_prompts:
                     hint += " or --truncate_long_prompts True"
-                raise InputError(f"{error} ({hint})", path, line) from None
+                raise InputError.at(f"{error} ({hint})", record["source"]) from None
             report.reject("prompt longer than model_max_length", record["source"])
             continue
         except TemplateError as error:

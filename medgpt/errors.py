@@ -13,6 +13,12 @@ class InputError(Exception):
         where = f"{path}:{line}: " if path is not None and line is not None else (f"{path}: " if path else "")
         super().__init__(where + message)
 
+    @classmethod
+    def at(cls, message: str, source: str) -> "InputError":
+        """The error located at a record's "path:line" source."""
+        path, _, line = source.rpartition(":")
+        return cls(message, path, line)
+
 
 def exit_on_input_error(main):
     """Wrap a script's main so bad input ends with one line on stderr and exit status 2, no traceback."""

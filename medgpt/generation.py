@@ -71,8 +71,8 @@ class ChatModel:
         self.chat_format = ChatFormat.for_model(args.template_name, self.tokenizer)
         self.system_prompt = args.system_prompt
         for query in queries_to_check:
-            path, _, line = query["source"].rpartition(":")
-            self.prompt(query["messages"], query["tools"], where=(path, line))
+            self.prompt(query["messages"], query["tools"], source=query["source"])
+        self._engine_instance = None  # started on first use by answer_batch / stream_answer
 
         dtype = resolve_dtype(args.torch_dtype)
         kwargs = dict(hub_kwargs(base, trust_remote_code=args.trust_remote_code), dtype=dtype)
@@ -106,19 +106,24 @@ class ChatModel:
             return [{"role": "system", "content": self.system_prompt}] + messages
         return messages
 
-    def prompt(self, messages: list[dict], tools: list[dict] | None = None, where=(None, None)) -> str:
-        """The text a conversation is answered from; a conversation the template refuses is an InputError."""
+    def prompt(self, messages: list[dict], tools: list[dict] | None = None, source: str | None = None) -> str:
+        """The text a conversation is answered from; a conversation the template refuses is an InputError
+        (located at the record's "path:line" `source` when given)."""
         from template import TemplateError
 
         try:
             return self.chat_format.render(self.with_system(messages), add_generation_prompt=True, tools=tools)
         except TemplateError as error:
-            raise InputError(str(error), *where) from None
+            raise (InputError.at(str(error), source) if source else InputError(str(error))) from None
 
-    def _engine(self, batch_size: int):
-        """The serving engine, shared by batch answers and streaming (one worker owns the model)."""
-        if getattr(self, "_engine_instance", None) is None or self._engine_instance.max_batch_size != batch_size:
-            self._engine_instance = self.start_engine(max_batch_size=batch_size, max_queue=1_000_000, gather_seconds=0)
+    def _engine(self, batch_size: int | None = None):
+        """The one engine of batch answers and streaming (one worker owns the model); `batch_size` sets how
+        many requests it decodes together from now on."""
+        if self._engine_instance is None:
+            self._engine_instance = self.start_engine(max_batch_size=batch_size or 1, max_queue=1_000_000,
+                                                      gather_seconds=0)
+        if batch_size:
+            self._engine_instance.max_batch_size = batch_size
         return self._engine_instance
 
     def _ids(self, messages: list[dict], tools=None) -> list[int]:
@@ -143,22 +148,22 @@ class ChatModel:
             params = generation.sampling(keep_special_tokens=bool(definitions))
             params.max_new_tokens = max(1, engine.max_new_tokens(len(ids), params.max_new_tokens))
             engine.submit(ids, params, lambda event, i=index: events.put((i, event)))
+        finished = 0
         with tqdm(total=len(conversations), desc="generating", unit="answer") as progress:
-            for _ in range(len(conversations)):
-                while True:
-                    index, event = events.get()
-                    if not isinstance(event, Finished):
-                        texts[index].append(event)
-                        continue
-                    if event.reason == "error":
-                        raise RuntimeError(f"generation failed: {event.error}")
+            while finished < len(conversations):
+                index, event = events.get()
+                if not isinstance(event, Finished):
+                    texts[index].append(event)
+                elif event.reason == "error":
+                    raise RuntimeError(f"generation failed: {event.error}")
+                else:
+                    finished += 1
                     progress.update()
-                    break
         return ["".join(pieces).strip() for pieces in texts]
 
     def stream_answer(self, messages: list[dict], generation: GenerationArguments):
         """Yield the answer to one conversation piece by piece as it is generated."""
-        yield from self._engine(1).stream(self._ids(messages), generation.sampling())
+        yield from self._engine().stream(self._ids(messages), generation.sampling())
 
 
 def answer_rows(chat_model: ChatModel, queries: list[dict], generation: GenerationArguments, batch_size: int) -> list[dict]:

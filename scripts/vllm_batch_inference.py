@@ -39,8 +39,7 @@ def main(argv=None):
     queries = read_queries(args.data_file)  # checked before the model loads
     with_tools = next((query["source"] for query in queries if query["tools"]), None)
     if with_tools:  # vLLM's chat() takes one tools list for the whole batch
-        path, _, line = with_tools.rpartition(":")
-        raise InputError("questions with tools are answered by inference.py, not this script", path, line)
+        raise InputError.at("questions with tools are answered by inference.py, not this script", with_tools)
     check_output_file(args.output_file)
     try:
         from vllm import LLM, SamplingParams
