@@ -52,6 +52,22 @@ class InferenceModelArguments:
     system_prompt: str | None = field(default=None, metadata={"help": "System prompt for every conversation."})
 
 
+@dataclass
+class Generated:
+    """One generated answer; times in seconds from when its batch was submitted."""
+
+    text: str
+    completion_tokens: int
+    first_token_seconds: float
+    total_seconds: float
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Decoding speed after the first token (the prompt's prefill is in first_token_seconds)."""
+        decoding = self.total_seconds - self.first_token_seconds
+        return (self.completion_tokens - 1) / decoding if self.completion_tokens > 1 and decoding > 0 else 0.0
+
+
 class ChatModel:
     """A model, its tokenizer and the chat format it was trained with, ready to answer conversations."""
 
@@ -134,7 +150,13 @@ class ChatModel:
         """One answer per conversation, in the same order, `batch_size` decoded together by the engine;
         `tools`, when given, holds each conversation's tool definitions (or None). With tools, special tokens
         such as Mistral's [TOOL_CALLS] stay in the text for the tool-call parser."""
+        return [answer.text for answer in self.generate_batch(conversations, generation, batch_size, tools)]
+
+    def generate_batch(self, conversations: list[list[dict]], generation: GenerationArguments, batch_size: int = 8,
+                       tools: list | None = None) -> list["Generated"]:
+        """answer_batch with each answer's token count and timings."""
         import queue
+        import time
 
         from tqdm.auto import tqdm
 
@@ -143,23 +165,29 @@ class ChatModel:
         engine, events = self._engine(batch_size), queue.Queue()
         tools = tools or [None] * len(conversations)
         texts = [[] for _ in conversations]
+        answers: list[Generated | None] = [None] * len(conversations)
+        started, first_piece = time.perf_counter(), [None] * len(conversations)
         for index, (messages, definitions) in enumerate(zip(conversations, tools, strict=True)):
             ids = self._ids(messages, definitions)
             params = generation.sampling(keep_special_tokens=bool(definitions))
             params.max_new_tokens = max(1, engine.max_new_tokens(len(ids), params.max_new_tokens))
-            engine.submit(ids, params, lambda event, i=index: events.put((i, event)))
+            engine.submit(ids, params, lambda event, i=index: events.put((i, event, time.perf_counter())))
         finished = 0
         with tqdm(total=len(conversations), desc="generating", unit="answer") as progress:
             while finished < len(conversations):
-                index, event = events.get()
+                index, event, when = events.get()
                 if not isinstance(event, Finished):
                     texts[index].append(event)
+                    first_piece[index] = first_piece[index] or when
                 elif event.reason == "error":
                     raise RuntimeError(f"generation failed: {event.error}")
                 else:
+                    first = (first_piece[index] or when) - started
+                    answers[index] = Generated("".join(texts[index]).strip(), event.completion_tokens, first,
+                                               when - started)
                     finished += 1
                     progress.update()
-        return ["".join(pieces).strip() for pieces in texts]
+        return answers
 
     def stream_answer(self, messages: list[dict], generation: GenerationArguments):
         """Yield the answer to one conversation piece by piece as it is generated."""

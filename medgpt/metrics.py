@@ -1,0 +1,178 @@
+"""Evaluation metrics as small pure functions: answer overlap (BLEU-4, ROUGE, token F1), multiple-choice
+scoring, perplexity and reward-model pairwise accuracy. Nothing here touches a model."""
+
+import itertools
+import logging
+import math
+import re
+from collections import Counter
+
+CJK_RUN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]+")
+WORD = re.compile(r"[^\W_]+")
+TOKENIZATION = ("Chinese segmented into words by jieba {jieba}; other text split into lowercased words "
+                "(runs of letters and digits); punctuation dropped")
+
+
+def tokenization_note() -> str:
+    import jieba
+
+    return TOKENIZATION.format(jieba=jieba.__version__)
+
+
+def _jieba():
+    import jieba
+
+    jieba.setLogLevel(logging.WARNING)  # its dictionary-loading messages are not ours to print
+    return jieba
+
+
+def metric_tokens(text: str) -> list[str]:
+    """The words overlap metrics compare: jieba's words for Chinese, lowercased words for the rest."""
+    tokens, position = [], 0
+    for run in CJK_RUN.finditer(text):
+        tokens += WORD.findall(text[position:run.start()].lower())
+        tokens += [word for word in _jieba().lcut(run.group()) if WORD.search(word)]
+        position = run.end()
+    return tokens + WORD.findall(text[position:].lower())
+
+
+class _PretokenizedText:
+    """rouge-score's tokenizer interface over metric_tokens (its own drops every non-ASCII character)."""
+
+    def tokenize(self, text: str) -> list[str]:
+        return metric_tokens(text)
+
+
+def bleu4(hypotheses: list[str], references: list[str]) -> float:
+    """Corpus BLEU-4 (0-100, sacrebleu, exponential smoothing) over metric_tokens."""
+    from sacrebleu.metrics import BLEU
+
+    joined = lambda texts: [" ".join(metric_tokens(text)) for text in texts]  # noqa: E731
+    return BLEU(tokenize="none").corpus_score(joined(hypotheses), [joined(references)]).score
+
+
+def sentence_bleu4(hypothesis: str, reference: str) -> float:
+    """BLEU-4 of one answer (0-100; orders with no n-grams left out, as sacrebleu's sentence BLEU does)."""
+    from sacrebleu.metrics import BLEU
+
+    return BLEU(tokenize="none", effective_order=True).sentence_score(
+        " ".join(metric_tokens(hypothesis)), [" ".join(metric_tokens(reference))]).score
+
+
+def rouge(hypothesis: str, reference: str) -> dict[str, float]:
+    """ROUGE-1, ROUGE-2 and ROUGE-L F-measures (0-100) over metric_tokens."""
+    from rouge_score.rouge_scorer import RougeScorer
+
+    scores = RougeScorer(["rouge1", "rouge2", "rougeL"], tokenizer=_PretokenizedText()).score(reference, hypothesis)
+    return {name: 100 * score.fmeasure for name, score in scores.items()}
+
+
+def token_f1(hypothesis: str, reference: str) -> float:
+    """Harmonic mean of precision and recall of the shared words (bag of words, 0-100)."""
+    hypothesis_tokens, reference_tokens = Counter(metric_tokens(hypothesis)), Counter(metric_tokens(reference))
+    shared = sum((hypothesis_tokens & reference_tokens).values())
+    if shared == 0:
+        return 0.0
+    precision = shared / sum(hypothesis_tokens.values())
+    recall = shared / sum(reference_tokens.values())
+    return 100 * 2 * precision * recall / (precision + recall)
+
+
+def answer_overlap(hypotheses: list[str], references: list[str]) -> tuple[dict, list[dict]]:
+    """(summary, per-answer scores) for open answers against their references."""
+    per_answer = []
+    for hypothesis, reference in zip(hypotheses, references, strict=True):
+        scores = {"bleu4": sentence_bleu4(hypothesis, reference), **rouge(hypothesis, reference),
+                  "token_f1": token_f1(hypothesis, reference), "answer_tokens": len(metric_tokens(hypothesis))}
+        per_answer.append(scores)
+    count = max(len(per_answer), 1)
+    summary = {"bleu4": bleu4(hypotheses, references) if hypotheses else 0.0}
+    for name in ("rouge1", "rouge2", "rougeL", "token_f1", "answer_tokens"):
+        summary[name] = sum(scores[name] for scores in per_answer) / count
+    return summary, per_answer
+
+
+# ----- multiple choice ----------------------------------------------------------------------------------
+
+
+def answer_candidates(options: dict[str, str], answer_count: int) -> list[tuple[frozenset, str]]:
+    """What a model can answer, each as (letters, text scored after the question). A single-answer question:
+    each option's text. A multiple-answer one: every set of two or more options, their texts joined by "; "
+    in letter order, so the whole answer is scored and matched as a set."""
+    letters = sorted(options)
+    if answer_count == 1:
+        return [(frozenset(letter), options[letter]) for letter in letters]
+    return [
+        (frozenset(chosen), "; ".join(options[letter] for letter in chosen))
+        for size in range(2, len(letters) + 1)
+        for chosen in itertools.combinations(letters, size)
+    ]
+
+
+def pick_by_loglikelihood(loglikelihoods: list[float], texts: list[str]) -> tuple[int, int]:
+    """(best, best_normalised): the candidate with the highest log-likelihood (acc), and with the highest
+    log-likelihood per character of its text (acc_norm), as lm-evaluation-harness scores multiple choice."""
+    best = max(range(len(texts)), key=lambda i: loglikelihoods[i])
+    best_norm = max(range(len(texts)), key=lambda i: loglikelihoods[i] / max(len(texts[i]), 1))
+    return best, best_norm
+
+
+_LETTERS = r"[A-E](?:\s*(?:,|，|、|/|&|and|和|及)?\s*[A-E])*"
+_ENDS_LETTERS = r"(?=\s*(?:$|\n)|\s*[.)）\]】:：、,，。;；])"
+_CUED = re.compile(r"(?:answers?|答案|选项|options?|choices?|选)\s*(?:is|are|为|是|应为|应选)?\s*[:：]?\s*[(（\[【]?(" + _LETTERS + r")(?![A-Za-z])",
+                   re.IGNORECASE)
+_LEADING = re.compile(r"\s*[(（\[【]?(" + _LETTERS + r")" + _ENDS_LETTERS)
+_LONE = re.compile(r"(?<![A-Za-z])([A-E])" + _ENDS_LETTERS)
+
+
+def extract_answer_letters(text: str, letters: list[str]) -> frozenset | None:
+    """The option letters a generated answer gives, or None when none can be read. In order: an answer cue
+    ("Answer: B", "答案：AC"), a leading letter set ("B.", "(B)", "A, C"), then every letter standing alone
+    ("... so C."); letters that are not among the question's options do not count."""
+    allowed = set(letters)
+
+    def letter_set(found_text: str) -> frozenset | None:
+        found = frozenset(letter for letter in re.findall(r"[A-E]", found_text) if letter in allowed)
+        return found or None
+
+    for match in _CUED.finditer(text):
+        if found := letter_set(match.group(1)):
+            return found
+    match = _LEADING.match(text)
+    if match and (found := letter_set(match.group(1))):
+        return found
+    return letter_set("".join(match.group(1) for match in _LONE.finditer(text)))
+
+
+def choice_summary(results: list[dict], key: str) -> dict:
+    """Accuracy of `key` ("acc", "acc_norm", "acc_generated") over all questions and per subject."""
+    scored = [row for row in results if key in row]
+    if not scored:
+        return {}
+    by_subject: dict[str, list[bool]] = {}
+    for row in scored:
+        by_subject.setdefault(row["subject"], []).append(row[key])
+    return {
+        "accuracy": 100 * sum(row[key] for row in scored) / len(scored),
+        "questions": len(scored),
+        "by_subject": {subject: 100 * sum(marks) / len(marks) for subject, marks in sorted(by_subject.items())},
+    }
+
+
+# ----- perplexity and reward models ---------------------------------------------------------------------
+
+
+def perplexity(total_nll: float, token_count: int) -> float:
+    """exp of the mean negative log-likelihood per predicted token."""
+    return math.exp(total_nll / token_count) if token_count else float("nan")
+
+
+def pairwise_accuracy(chosen_scores: list[float], rejected_scores: list[float]) -> dict:
+    """Share of pairs whose chosen answer outscores the rejected one (ties count as wrong), and the mean
+    margin chosen - rejected."""
+    margins = [chosen - rejected for chosen, rejected in zip(chosen_scores, rejected_scores, strict=True)]
+    return {
+        "accuracy": 100 * sum(margin > 0 for margin in margins) / len(margins),
+        "mean_margin": sum(margins) / len(margins),
+        "pairs": len(margins),
+    }
