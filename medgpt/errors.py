@@ -28,7 +28,8 @@ def exit_on_input_error(main):
         try:
             return main(*args, **kwargs)
         except InputError as error:
-            logging.shutdown()
+            for handler in logging.getLogger().handlers:  # earlier log lines first, then the error
+                handler.flush()
             print(f"error: {error}", file=sys.stderr)
             sys.exit(2)
 
