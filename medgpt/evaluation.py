@@ -140,14 +140,14 @@ def continuation_loglikelihoods(model, prompt_ids: list[int], continuations: lis
             mask = torch.zeros((len(chunk), prompt_length + longest - 1), dtype=torch.long, device=device)
             mask[:, :prompt_length] = 1
             for row, tokens in enumerate(chunk):
-                inputs[row, : len(tokens) - 1] = torch.tensor(tokens[:-1])
+                inputs[row, : len(tokens) - 1] = torch.tensor(tokens[:-1], dtype=torch.long)
                 mask[row, prompt_length : prompt_length + len(tokens) - 1] = 1
             cache = copy.deepcopy(prompt_cache)
             cache.batch_repeat_interleave(len(chunk))
             logits = model(input_ids=inputs, attention_mask=mask, past_key_values=cache, use_cache=True).logits
             log_probs = torch.log_softmax(logits.float(), dim=-1)
             for row, tokens in enumerate(chunk):
-                targets = torch.tensor(tokens[1:], device=device)
+                targets = torch.tensor(tokens[1:], dtype=torch.long, device=device)
                 chunk_scores[row] += log_probs[row, torch.arange(len(tokens) - 1, device=device), targets].sum().item()
         scores += chunk_scores
     return scores
@@ -161,7 +161,8 @@ def score_choices_by_loglikelihood(chat_model, questions: list[ChoiceQuestion], 
 
     results = []
     for question in tqdm(questions, desc="multiple choice (log-likelihood)", unit="question"):
-        messages = chat_model.with_system(choice_messages(question, ask_for_letters=False))
+        # A multiple-answer question is answered with letters, so its prompt asks for them.
+        messages = chat_model.with_system(choice_messages(question, ask_for_letters=len(question.answer) > 1))
         candidates = metrics.answer_candidates(question.options, len(question.answer))
         prompt, continuations = None, []
         for _, text in candidates:
