@@ -63,7 +63,8 @@ class EvaluationArguments:
         "help": "The first N open questions are answered one at a time to time the first token and decoding speed."})
     api_concurrency: int = field(default=4, metadata={"help": "Requests sent to the endpoint at once."})
     api_timeout: float = field(default=120.0, metadata={"help": "Seconds before an endpoint request fails."})
-    max_questions: int | None = field(default=None, metadata={"help": "Use only the first N records of each file."})
+    max_questions: int | None = field(default=None, metadata={
+        "help": "Use only N records of each file, spread evenly over it (for quick runs)."})
 
     def __post_init__(self):
         for name, minimum in (("max_length", 2), ("max_new_tokens", 1), ("mc_max_new_tokens", 1), ("batch_size", 1),
@@ -73,13 +74,21 @@ class EvaluationArguments:
         require(self.repetition_penalty > 0, "repetition_penalty", "must be positive", self.repetition_penalty)
 
 
+def spread_sample(rows: list, count: int | None) -> list:
+    """`count` rows spread evenly over the file (every k-th), so a quick run still sees each part of it
+    (a file of English then Chinese questions keeps both), the same rows every time."""
+    if not count or len(rows) <= count:
+        return rows
+    return [rows[index * len(rows) // count] for index in range(count)]
+
+
 def load_data(args: EvaluationArguments):
     """Every question file, read and checked before a model loads."""
     from medgpt.data import DataReport, load_records, record_to_preference
     from medgpt.eval_data import load_choice_questions, load_open_questions
     from medgpt.evaluation import EvalData
 
-    cap = (lambda rows: rows[: args.max_questions]) if args.max_questions else (lambda rows: rows)  # noqa: E731
+    cap = lambda rows: spread_sample(rows, args.max_questions)  # noqa: E731
     records = lambda path, kind, **extra: cap(load_records(path, kind, DataReport(kind), False, **extra)) if path else []  # noqa: E731
     data = EvalData(
         choice_questions=cap(load_choice_questions(args.mc_file, args.mc_format)) if args.mc_file else [],

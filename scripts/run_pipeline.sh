@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole path on one model: continued pretraining -> SFT -> an alignment stage -> merge -> answers to
-# held-out questions. STAGES picks the stages, in order, from: pt sft rm ppo dpo orpo grpo
+# held-out questions -> the model before and after, compared on the held-out evaluation set.
+# STAGES picks the stages, in order, from: pt sft rm ppo dpo orpo grpo
 #   STAGES="pt sft dpo"      (default)      STAGES="pt sft rm ppo"      STAGES="sft orpo"      STAGES="sft grpo"
 # SFT continues the PT adapter; each later stage trains a new LoRA adapter on the model merged so far and
 # is merged in turn; rm trains the reward model that ppo then uses. Defaults: the embedded
@@ -19,6 +20,7 @@ SFT_STEPS=${SFT_STEPS:--1}   # > 0 overrides SFT_EPOCHS
 ALIGN_STEPS=${ALIGN_STEPS:-6}
 QUESTIONS=${QUESTIONS:-data/eval/questions.jsonl}
 MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-96}
+EVAL_QUESTIONS=${EVAL_QUESTIONS:-60}   # per held-out file, spread over it; 0: all of them
 export TEMPLATE
 
 # Check the whole list before spending minutes on its first stages.
@@ -76,5 +78,12 @@ for line in open(sys.argv[1], encoding="utf-8"):
     row = json.loads(line)
     print(f"\nQ: {row['input']}\nA: {row['output']}")
 PY
+
+echo "== before and after: $MODEL against $current on the held-out set (data/eval)"
+eval_sample=()
+if [ "$EVAL_QUESTIONS" -gt 0 ]; then eval_sample=(--max_questions "$EVAL_QUESTIONS"); fi
+"$PYTHON" evaluate_models.py --models "before=$MODEL" "after=$current" \
+  --mc_file data/eval/multiple_choice.jsonl --open_file data/eval/open_questions.jsonl "${eval_sample[@]}" \
+  --max_new_tokens 64 --repetition_penalty 1.1 --batch_size 16 --output_dir "$OUT/eval" --overwrite_output_dir True
 echo
-echo "pipeline ($STAGES) finished in $(( $(date +%s) - start )) s; final model: $current, answers: $OUT/answers.jsonl"
+echo "pipeline ($STAGES) finished in $(( $(date +%s) - start )) s; final model: $current, answers: $OUT/answers.jsonl, evaluation: $OUT/eval"
