@@ -57,14 +57,16 @@ class EvaluationArguments:
     max_length: int = field(default=1024, metadata={"help": "Token limit of perplexity blocks and conversations."})
     max_new_tokens: int = field(default=128, metadata={"help": "Longest answer to an open question."})
     mc_max_new_tokens: int = field(default=32, metadata={"help": "Longest generated multiple-choice answer."})
-    repetition_penalty: float = field(default=1.0, metadata={"help": "For generated answers (greedy decoding)."})
+    repetition_penalty: float = field(default=1.0, metadata={
+        "help": "For local models' generated answers (greedy decoding); endpoints are not sent it."})
     batch_size: int = field(default=8, metadata={"help": "Rows scored or answers generated together."})
     latency_questions: int = field(default=3, metadata={
         "help": "The first N open questions are answered one at a time to time the first token and decoding speed."})
     api_concurrency: int = field(default=4, metadata={"help": "Requests sent to the endpoint at once."})
     api_timeout: float = field(default=120.0, metadata={"help": "Seconds before an endpoint request fails."})
     max_questions: int | None = field(default=None, metadata={
-        "help": "Use only N records of each file, spread evenly over it (for quick runs)."})
+        "help": "Use only N records of each of --mc_file, --open_file, ... (a folder counts as one), spread "
+                "evenly over it, for quick runs."})
 
     def __post_init__(self):
         for name, minimum in (("max_length", 2), ("max_new_tokens", 1), ("mc_max_new_tokens", 1), ("batch_size", 1),
@@ -127,32 +129,33 @@ def endpoint_for(args: EvaluationArguments):
     if not args.api_base:
         return None
     endpoint = EndpointGenerator(args.api_base, args.api_key or os.environ.get("OPENAI_API_KEY"), "",
-                                 args.api_concurrency, args.api_timeout, repetition_penalty=args.repetition_penalty)
+                                 args.api_concurrency, args.api_timeout)
+    if args.repetition_penalty != 1.0:
+        logger.warning("--repetition_penalty applies to local models only: OpenAI's API has no such setting")
     served = endpoint.served_models()
     if not args.api_models:
         if len(served) != 1:
             raise InputError(f"name the endpoint's model with --api_models (it serves: {', '.join(served) or 'unknown'})",
                              args.api_base)
         args.api_models = served
-    from medgpt.evaluation import _label_and_value
+    from medgpt.evaluation import split_label
 
     for text in args.api_models:
-        name = _label_and_value(text)[1]
+        name = split_label(text)[1]
         if served and name not in served:
             raise InputError(f"the endpoint does not serve '{name}' (it serves: {', '.join(served)})", args.api_base)
     return endpoint
 
 
 def write_results(paths: list[str], results: dict, settings: dict, notes: list[str]) -> None:
-    from medgpt.evaluation import markdown_report, save_chart
+    from medgpt.evaluation import markdown_report, save_chart, summaries
     from medgpt.outputs import atomic_write_text
 
     json_path, markdown_path, chart_path = paths
     document = {"created": time.strftime("%Y-%m-%d %H:%M:%S"), "settings": settings, "notes": notes, "models": results}
     atomic_write_text(json_path, json.dumps(document, ensure_ascii=False, indent=1) + "\n")
-    summaries = {label: {k: v for k, v in result.items() if k != "per_question"} for label, result in results.items()}
-    atomic_write_text(markdown_path, markdown_report(summaries, notes))
-    save_chart(summaries, chart_path)
+    atomic_write_text(markdown_path, markdown_report(summaries(results), notes))
+    save_chart(summaries(results), chart_path)
 
 
 @exit_on_input_error
@@ -160,12 +163,15 @@ def main(argv=None):
     (args,) = parse_args((EvaluationArguments,), argv)
     setup_logging()
     from medgpt import metrics
-    from medgpt.evaluation import evaluate_endpoint, evaluate_local, parse_model_specs
+    from medgpt.evaluation import (check_scorable, evaluate_endpoint, evaluate_local, markdown_report,
+                                   parse_model_specs, summaries)
 
     paths = check_output_dir(args)
     endpoint = endpoint_for(args)
-    specs = parse_model_specs(args.models, args.api_models)
+    specs = parse_model_specs(args.models, args.api_models, args.template_name)
     data = load_data(args)
+    for spec in specs:
+        check_scorable(spec, data)
     notes = [f"Overlap metrics tokenization: {metrics.tokenization_note()}.",
              "Multiple choice: a multiple-answer question counts as right only when the set of letters is exactly right."]
     settings = {key: value for key, value in asdict(args).items() if key != "api_key"}
@@ -173,15 +179,11 @@ def main(argv=None):
     for spec in specs:
         logger.info("== %s: %s", spec.label, spec.describe())
         if spec.api_model:
-            endpoint.model = spec.api_model
-            results[spec.label] = evaluate_endpoint(spec, endpoint, data, args)
+            results[spec.label] = evaluate_endpoint(spec, endpoint.for_model(spec.api_model), data, args)
         else:
             results[spec.label] = evaluate_local(spec, data, args)
         write_results(paths, results, settings, notes)  # what is done so far survives a later failure
-    from medgpt.evaluation import markdown_report
-
-    summaries = {label: {k: v for k, v in result.items() if k != "per_question"} for label, result in results.items()}
-    print(markdown_report(summaries, notes))
+    print(markdown_report(summaries(results), notes))
     logger.info("results: %s, table: %s, chart: %s", *(os.path.abspath(path) for path in paths))
 
 

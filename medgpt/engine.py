@@ -99,11 +99,15 @@ class GenerationEngine:
         atexit.register(self.close)
 
     def close(self) -> None:
-        """Stop the worker after its current step; requests still waiting end as cancelled."""
+        """Stop the worker after its current step; requests still waiting end as cancelled. The engine then
+        lets go of the model, so a process that moves on to another model can free this one's memory."""
         with self._ready:
             self._closed = True
             self._ready.notify_all()
         self._worker.join(timeout=60)
+        atexit.unregister(self.close)
+        if not self._worker.is_alive():
+            self.model = None
 
     # ----- callers --------------------------------------------------------------------------------------
 

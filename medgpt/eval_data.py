@@ -392,7 +392,7 @@ def _load_choice_file(path: str, fmt: str) -> list[ChoiceQuestion]:
         return _medmcqa_file(path, records)
     if fmt == "pubmedqa":
         records = _pubmedqa_records(path, records)
-    if fmt == "ceval" and not any(_text(record.get("answer"), "answer") for _, record in records):
+    if fmt == "ceval" and not any(str(record.get("answer") or "").strip() for _, record in records):
         raise InputError("this file has no answers (C-Eval's test split has none): use the val or dev split",
                          path, records[0][0])
     return _convert(path, records, PARSERS[fmt])

@@ -39,18 +39,20 @@ class ModelSpec:
         return self.path + (f" + {self.adapter}" if self.adapter else "")
 
 
-def _label_and_value(text: str) -> tuple[str | None, str]:
+def split_label(text: str) -> tuple[str | None, str]:
+    """("base", "models/x") from "base=models/x"; (None, text) when the text has no label."""
     label, separator, value = text.partition("=")
     return (label.strip(), value.strip()) if separator and label.strip() and "/" not in label else (None, text.strip())
 
 
-def parse_model_specs(models: list[str], api_models: list[str]) -> list[ModelSpec]:
-    """`[LABEL=]FOLDER`, `[LABEL=]BASE+ADAPTER` and endpoint `[LABEL=]NAME` values, checked for clashes."""
+def parse_model_specs(models: list[str], api_models: list[str], template_name: str) -> list[ModelSpec]:
+    """`[LABEL=]FOLDER`, `[LABEL=]BASE+ADAPTER` and endpoint `[LABEL=]NAME` values, each folder checked to
+    exist and to have a chat template (or `template_name`) before the first model spends minutes."""
     from medgpt.modeling import check_adapter_path, check_model_path
 
     specs = []
     for text in models:
-        label, value = _label_and_value(text)
+        label, value = split_label(text)
         path, adapter = value, None
         if "+" in value and not os.path.exists(value):
             path, adapter = (part.strip() for part in value.rsplit("+", 1))
@@ -58,8 +60,9 @@ def parse_model_specs(models: list[str], api_models: list[str]) -> list[ModelSpe
         if adapter:
             check_adapter_path(adapter, "--models")
         specs.append(ModelSpec(label or os.path.basename(os.path.normpath(adapter or path)), path, adapter))
+        check_chat_template(specs[-1], template_name)
     for text in api_models:
-        label, value = _label_and_value(text)
+        label, value = split_label(text)
         if not value:
             raise InputError("--api_models has an empty model name")
         specs.append(ModelSpec(label or value, api_model=value))
@@ -72,14 +75,36 @@ def parse_model_specs(models: list[str], api_models: list[str]) -> list[ModelSpe
     return specs
 
 
-def is_reward_model(path: str) -> bool:
-    """A sequence-classification model with one score (what reward_modeling.py saves)."""
-    config_path = os.path.join(path, "config.json")
-    if not os.path.isfile(config_path):
-        return False
-    with open(config_path, encoding="utf-8") as handle:
-        config = json.load(handle)
-    return any(name.endswith("ForSequenceClassification") for name in config.get("architectures") or [])
+def check_chat_template(spec: ModelSpec, template_name: str) -> None:
+    """The model's tokenizer opens and has a chat template (or `template_name` names one); else an error
+    naming the model's folder."""
+    from medgpt.chat import ChatFormat
+    from medgpt.modeling import open_tokenizer, tokenizer_folder
+
+    folder = tokenizer_folder(spec.path, spec.adapter)
+    try:
+        ChatFormat.for_model(template_name, open_tokenizer(folder))
+    except InputError as error:
+        raise InputError(f"model '{spec.label}': {error.message}", folder) from None
+    except (OSError, ValueError) as error:
+        raise InputError(f"model '{spec.label}': its tokenizer cannot be loaded ({str(error).splitlines()[0]})",
+                         folder) from None
+
+
+def _read_json(path: str) -> dict:
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def is_reward_model(spec: ModelSpec) -> bool:
+    """A sequence-classification model with one score, as reward_modeling.py saves it: a full model folder,
+    or a base + the LoRA adapter of a reward model (task type SEQ_CLS)."""
+    if spec.adapter and _read_json(os.path.join(spec.adapter, "adapter_config.json")).get("task_type") == "SEQ_CLS":
+        return True
+    architectures = _read_json(os.path.join(spec.path, "config.json")).get("architectures") or []
+    return any(name.endswith("ForSequenceClassification") for name in architectures)
 
 
 # ----- prompts --------------------------------------------------------------------------------------------
@@ -122,6 +147,14 @@ def _model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+def model_context_length(model) -> int:
+    return getattr(model.config, "max_position_embeddings", None) or 1_000_000
+
+
+# Logits held at once when scoring text: rows x positions x vocabulary entries (about 1 GiB in fp32).
+LOGIT_BUDGET = 2**28
+
+
 @torch.no_grad()
 def continuation_loglikelihoods(model, prompt_ids: list[int], continuations: list[list[int]], batch_size: int) -> list[float]:
     """log P(continuation | prompt) for each continuation. The prompt is run once; its key/value cache is
@@ -159,7 +192,7 @@ def score_choices_by_loglikelihood(chat_model, questions: list[ChoiceQuestion], 
 
     from medgpt.encoding import _tokenize
 
-    results = []
+    results, context_length = [], model_context_length(chat_model.model)
     for question in tqdm(questions, desc="multiple choice (log-likelihood)", unit="question"):
         # A multiple-answer question is answered with letters, so its prompt asks for them.
         messages = chat_model.with_system(choice_messages(question, ask_for_letters=len(question.answer) > 1))
@@ -170,8 +203,13 @@ def score_choices_by_loglikelihood(chat_model, questions: list[ChoiceQuestion], 
             prompt = prompt or candidate_prompt
             continuations.append(_tokenize(chat_model.tokenizer, answer))
         prompt_ids = _tokenize(chat_model.tokenizer, prompt)
+        if len(prompt_ids) + max(map(len, continuations)) > context_length:
+            raise InputError(f"the question with its options takes more than the model's {context_length} tokens",
+                             *question.source.rsplit(":", 1))
         loglikelihoods = continuation_loglikelihoods(chat_model.model, prompt_ids, continuations, batch_size)
         best, best_norm = metrics.pick_by_loglikelihood(loglikelihoods, [text for _, text in candidates])
+        if len(question.answer) > 1:
+            best_norm = best  # letter sets: their length says nothing about the answer, nothing to normalise
         letters = lambda index: "".join(sorted(candidates[index][0]))  # noqa: E731
         results.append({
             **_question_row(question),
@@ -198,6 +236,9 @@ def negative_log_likelihood(model, rows: list[dict], batch_size: int, descriptio
     from medgpt.encoding import IGNORE_INDEX
 
     device, total, count = _model_device(model), 0.0, 0
+    vocabulary = model.get_output_embeddings().weight.shape[0]
+    longest_row = max(len(row["input_ids"]) for row in rows)
+    batch_size = max(1, min(batch_size, LOGIT_BUDGET // (longest_row * vocabulary)))  # a big vocabulary: fewer rows
     for start in tqdm(range(0, len(rows), batch_size), desc=description, unit="batch"):
         batch = rows[start:start + batch_size]
         longest = max(len(row["input_ids"]) for row in batch)
@@ -209,11 +250,11 @@ def negative_log_likelihood(model, rows: list[dict], batch_size: int, descriptio
             inputs[index, :length] = torch.tensor(row["input_ids"])
             labels[index, :length] = torch.tensor(row["labels"])
             mask[index, :length] = 1
-        logits = model(input_ids=inputs, attention_mask=mask).logits[:, :-1].float()
+        logits = model(input_ids=inputs, attention_mask=mask).logits[:, :-1]
         targets = labels[:, 1:]
-        losses = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                                   ignore_index=IGNORE_INDEX, reduction="sum")
-        total += losses.item()
+        for index in range(len(batch)):  # one row at a time: no second full-size copy in fp32
+            total += torch.nn.functional.cross_entropy(logits[index].float(), targets[index],
+                                                       ignore_index=IGNORE_INDEX, reduction="sum").item()
         count += int((targets != IGNORE_INDEX).sum())
     return total, count
 
@@ -240,7 +281,7 @@ def reward_scores(model, tokenizer, sequences: list[list[int]], batch_size: int)
 class LocalGenerator:
     """Greedy answers from a ChatModel through its generation engine."""
 
-    def __init__(self, chat_model, max_new_tokens: int, repetition_penalty: float, batch_size: int):
+    def __init__(self, chat_model, repetition_penalty: float, batch_size: int):
         self.chat_model, self.batch_size = chat_model, batch_size
         self.repetition_penalty = repetition_penalty
 
@@ -262,13 +303,18 @@ class EndpointGenerator:
     """Greedy answers from an OpenAI-compatible chat completions endpoint, streamed to time the first token."""
 
     def __init__(self, api_base: str, api_key: str | None, model: str, concurrency: int, timeout: float,
-                 retries: int = 2, repetition_penalty: float = 1.0):
+                 retries: int = 2):
         import httpx
 
         self.url, self.model, self.concurrency, self.retries = api_base.rstrip("/"), model, concurrency, retries
-        self.repetition_penalty = repetition_penalty
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.client = httpx.Client(headers=headers, timeout=timeout)
+
+    def for_model(self, model: str) -> "EndpointGenerator":
+        """The same endpoint (and connection pool), asked for another of its models."""
+        other = copy.copy(self)
+        other.model = model
+        return other
 
     def served_models(self) -> list[str]:
         """The endpoint's model names; an unreachable endpoint or one that refuses the key is an InputError."""
@@ -276,7 +322,7 @@ class EndpointGenerator:
 
         try:
             response = self.client.get(f"{self.url}/models")
-        except httpx.HTTPError as error:
+        except (httpx.HTTPError, httpx.InvalidURL) as error:
             raise InputError(f"cannot reach the endpoint: {type(error).__name__}: {error}", self.url) from None
         if response.status_code in (401, 403):
             raise InputError(f"the endpoint refused the API key (HTTP {response.status_code}): pass --api_key", self.url)
@@ -293,9 +339,7 @@ class EndpointGenerator:
 
         body = {"model": self.model, "messages": messages, "max_tokens": max_new_tokens, "temperature": 0,
                 "stream": True, "stream_options": {"include_usage": True}}
-        if self.repetition_penalty != 1.0:
-            body["repetition_penalty"] = self.repetition_penalty
-        started, first, pieces, usage = time.perf_counter(), None, [], None
+        started, first, pieces, usage, streamed = time.perf_counter(), None, [], None, False
         with self.client.stream("POST", f"{self.url}/chat/completions", json=body) as response:
             if response.status_code != 200:
                 response.read()
@@ -303,19 +347,25 @@ class EndpointGenerator:
             for line in response.iter_lines():
                 if not line.startswith("data:"):
                     continue
-                data = line[5:].strip()
+                data, streamed = line[5:].strip(), True
                 if data == "[DONE]":
                     break
                 try:
                     chunk = json.loads(data)
                 except json.JSONDecodeError:
-                    raise EndpointError(f"the endpoint streamed something that is not JSON: {data[:80]!r}") from None
+                    chunk = None
+                if not isinstance(chunk, dict):
+                    raise EndpointError(f"the endpoint streamed something that is not a JSON object: {data[:80]!r}")
+                if chunk.get("error"):  # a failure reported inside the stream
+                    raise EndpointError(f"the endpoint reported an error: {str(chunk['error'])[:200]}")
                 usage = chunk.get("usage") or usage
                 for choice in chunk.get("choices") or []:
                     piece = (choice.get("delta") or {}).get("content")
                     if piece:
                         first = first or time.perf_counter()
                         pieces.append(piece)
+            if not streamed:
+                raise EndpointError("the endpoint did not stream its answer (no 'data:' lines)")
         finished = time.perf_counter()
         tokens = (usage or {}).get("completion_tokens") or len(pieces)
         return Generated("".join(pieces).strip(), tokens, (first or finished) - started, finished - started)
@@ -327,21 +377,24 @@ class EndpointGenerator:
         for attempt in range(self.retries + 1):
             try:
                 return self._stream(messages, max_new_tokens)
-            except (httpx.HTTPError, EndpointError) as error:
-                retriable = isinstance(error, httpx.HTTPError) or re.match(r"HTTP (5\d\d|429)", str(error))
+            except (httpx.HTTPError, httpx.InvalidURL, EndpointError) as error:
+                retriable = isinstance(error, httpx.TransportError) or re.match(r"HTTP (5\d\d|429)", str(error))
                 if not retriable or attempt == self.retries:
                     raise InputError(f"the endpoint failed on model {self.model}: {error}", self.url) from None
-                time.sleep(0.5 * 2**attempt)
+                # rate limits ("HTTP 429") need longer than a dropped connection
+                time.sleep((5.0 if str(error).startswith("HTTP 429") else 0.5) * 2**attempt)
 
     def generate(self, conversations: list[list[dict]], max_new_tokens: int, one_at_a_time: bool = False):
         from concurrent.futures import ThreadPoolExecutor
 
         from tqdm.auto import tqdm
 
-        workers = 1 if one_at_a_time else self.concurrency
-        with ThreadPoolExecutor(workers) as pool:
-            futures = [pool.submit(self.complete, messages, max_new_tokens) for messages in conversations]
+        pool = ThreadPoolExecutor(1 if one_at_a_time else self.concurrency)
+        futures = [pool.submit(self.complete, messages, max_new_tokens) for messages in conversations]
+        try:
             return [future.result() for future in tqdm(futures, desc="generating", unit="answer")]
+        finally:  # after a failure, the requests not yet sent are dropped rather than waited for
+            pool.shutdown(wait=False, cancel_futures=True)
 
 
 # ----- the evaluations ------------------------------------------------------------------------------------
@@ -368,6 +421,8 @@ def answer_open_questions(generator, questions: list[OpenQuestion], max_new_toke
     answered one at a time, so their time to first token and decoding speed are an unloaded model's."""
     conversations = [[{"role": "user", "content": question.question}] for question in questions]
     alone = min(latency_questions, len(questions))
+    if alone:
+        generator.generate(conversations[:1], 1, one_at_a_time=True)  # warm-up: the timed answers start warm
     answers = generator.generate(conversations[:alone], max_new_tokens, one_at_a_time=True)
     answers += generator.generate(conversations[alone:], max_new_tokens) if alone < len(questions) else []
     texts = [answer.text for answer in answers]
@@ -408,11 +463,29 @@ class EvalData:
     preference_records: list[dict]
 
 
+def check_scorable(spec: ModelSpec, data: EvalData) -> None:
+    """Each model gets what it can be scored on; say what it cannot use, and refuse a model left with nothing."""
+    given = {"--mc_file": data.choice_questions, "--open_file": data.open_questions,
+             "--ppl_text_file": data.text_records, "--ppl_conversation_file": data.conversation_records,
+             "--preference_file": data.preference_records}
+    if spec.api_model:
+        kind, usable = "an endpoint model", ("--mc_file", "--open_file")
+    elif is_reward_model(spec):
+        kind, usable = "a reward model", ("--preference_file",)
+    else:
+        kind, usable = "a language model", ("--mc_file", "--open_file", "--ppl_text_file", "--ppl_conversation_file")
+    unused = [flag for flag, rows in given.items() if rows and flag not in usable]
+    if not any(given[flag] for flag in usable):
+        raise InputError(f"model '{spec.label}' is {kind}: it is scored on {', '.join(usable)}, and none was given")
+    if unused:
+        logger.warning("model '%s' is %s: %s do not apply to it", spec.label, kind, ", ".join(unused))
+
+
 def evaluate_local(spec: ModelSpec, data: EvalData, args) -> dict:
     """Every metric a local model folder supports; a reward model gets the pairwise ones only."""
     from medgpt.generation import ChatModel, InferenceModelArguments
 
-    if is_reward_model(spec.path):
+    if is_reward_model(spec):
         return evaluate_reward_model(spec, data, args)
     model_args = InferenceModelArguments(base_model=spec.path, lora_model=spec.adapter, template_name=args.template_name,
                                          torch_dtype=args.torch_dtype)
@@ -425,13 +498,13 @@ def evaluate_local(spec: ModelSpec, data: EvalData, args) -> dict:
             if args.mc_method in ("auto", "loglik", "both"):
                 rows = score_choices_by_loglikelihood(chat_model, data.choice_questions, args.batch_size)
             if args.mc_method in ("generate", "both"):
-                generator = LocalGenerator(chat_model, args.mc_max_new_tokens, args.repetition_penalty, args.batch_size)
+                generator = LocalGenerator(chat_model, args.repetition_penalty, args.batch_size)
                 generated = score_choices_by_generation(generator, data.choice_questions, args.mc_max_new_tokens)
                 rows = [{**a, **b} for a, b in zip(rows, generated)] if rows else generated
             result["multiple_choice"] = summarise_choices(rows)
             per_question["multiple_choice"] = rows
         if data.open_questions:
-            generator = LocalGenerator(chat_model, args.max_new_tokens, args.repetition_penalty, args.batch_size)
+            generator = LocalGenerator(chat_model, args.repetition_penalty, args.batch_size)
             result["open"], per_question["open"] = answer_open_questions(
                 generator, data.open_questions, args.max_new_tokens, args.latency_questions)
         result["perplexity"] = perplexities(chat_model, data, args)
@@ -477,8 +550,9 @@ def evaluate_reward_model(spec: ModelSpec, data: EvalData, args) -> dict:
         return result
     tokenizer = open_tokenizer(tokenizer_folder(spec.path, spec.adapter))
     chat_format = ChatFormat.for_model(args.template_name, tokenizer)
-    model = AutoModelForSequenceClassification.from_pretrained(spec.path, num_labels=1,
-                                                               dtype=resolve_dtype(args.torch_dtype))
+    model = AutoModelForSequenceClassification.from_pretrained(
+        spec.path, num_labels=1, dtype=resolve_dtype(args.torch_dtype),
+        **({"device_map": "auto"} if torch.cuda.is_available() else {}))
     if spec.adapter:
         model = load_adapter(model, spec.adapter, "--models")
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -554,6 +628,11 @@ METRICS = [
 ]
 
 
+def summaries(results: dict[str, dict]) -> dict[str, dict]:
+    """Each model's scores without its per-question rows."""
+    return {label: {k: v for k, v in result.items() if k != "per_question"} for label, result in results.items()}
+
+
 def metric_table(results: dict[str, dict]) -> dict[str, dict[str, float | None]]:
     """{metric key: {model label: value or None}} for every metric at least one model has."""
     table = {}
@@ -609,6 +688,8 @@ def save_chart(results: dict[str, dict], path: str) -> None:
     from medgpt.outputs import atomic_write
 
     table, names, labels = metric_table(results), {key: name for key, name, _ in METRICS}, list(results)
+    if not table:
+        return
     width, height = chart_size(len(table))
     rows = height // int(CHART_PANEL_INCHES[1] * CHART_DPI)
     figure, axes = plt.subplots(rows, CHART_COLUMNS, figsize=(width / CHART_DPI, height / CHART_DPI), dpi=CHART_DPI,
@@ -623,8 +704,8 @@ def save_chart(results: dict[str, dict], path: str) -> None:
                                ha="center", va="bottom", fontsize=8)
         panel.set_xticks(range(len(labels)), labels, fontsize=8, rotation=15)
         panel.set_title(names[key], fontsize=9)
-        top = max(heights)
-        panel.set_ylim(0, 105 if names[key].endswith("(%)") else (top * 1.18 if top > 0 else 1))
+        top, bottom = max(heights), min(0.0, min(heights))
+        panel.set_ylim(bottom * 1.18, 105 if names[key].endswith("(%)") else (top * 1.18 if top > 0 else 1))
     for panel in list(axes.flat)[len(table):]:
         panel.axis("off")
     figure.tight_layout()

@@ -67,9 +67,14 @@ def rouge(hypothesis: str, reference: str) -> dict[str, float]:
     return {name: 100 * score.fmeasure for name, score in scores.items()}
 
 
+ARTICLES = {"a", "an", "the"}
+
+
 def token_f1(hypothesis: str, reference: str) -> float:
-    """Harmonic mean of precision and recall of the shared words (bag of words, 0-100)."""
-    hypothesis_tokens, reference_tokens = Counter(metric_tokens(hypothesis)), Counter(metric_tokens(reference))
+    """Harmonic mean of precision and recall of the shared words (bag of words, 0-100), without English
+    articles as SQuAD's F1 leaves them out (that is all that tells it from ROUGE-1)."""
+    words = lambda text: Counter(word for word in metric_tokens(text) if word not in ARTICLES)  # noqa: E731
+    hypothesis_tokens, reference_tokens = words(hypothesis), words(reference)
     shared = sum((hypothesis_tokens & reference_tokens).values())
     if shared == 0:
         return 0.0
@@ -118,31 +123,46 @@ def pick_by_loglikelihood(loglikelihoods: list[float], texts: list[str]) -> tupl
     return best, best_norm
 
 
-_LETTERS = r"[A-E](?:\s*(?:,|，|、|/|&|and|和|及)?\s*[A-E])*"
-_ENDS_LETTERS = r"(?=\s*(?:$|\n)|\s*[.)）\]】:：、,，。;；])"
-_CUED = re.compile(r"(?:answers?|答案|选项|options?|choices?|选)\s*(?:is|are|为|是|应为|应选)?\s*[:：]?\s*[(（\[【]?(" + _LETTERS + r")(?![A-Za-z])",
-                   re.IGNORECASE)
+# Letters of an answer on one line: "B", "AC", "A, C and D", "A、C"; never across a line break.
+_LETTERS = r"[A-E](?:[ \t]*(?:,|，|、|/|&)?[ \t]*(?:and[ \t]+|和|及)?[A-E])*"
+_NOT_A_WORD = r"(?![A-Za-z超型])"  # "B超" is an ultrasound, "A型" a type, "Amlodipine" a word
+_ENDS_LETTERS = r"(?=[ \t]*(?:$|\n)|[ \t]*[.)）\]】:：、,，。;；])"
+_ANSWER_CUES = [
+    re.compile(r"(?:answer|答案)(?:[ \t]+(?:is|are|would be|should be))?[ \t]*(?:为|是|应为|应该是)?[ \t]*[:：]?[ \t]*"
+               r"[(（\[【]?(" + _LETTERS + r")" + _NOT_A_WORD, re.IGNORECASE),
+    re.compile(r"(?:(?:应|故|本题|我|所以)选(?:择)?|(?:correct|right|best)[ \t]+(?:option|choice)s?(?:[ \t]+(?:is|are))?"
+               r"|I(?: would)? choose)[ \t]*[:：]?[ \t]*[(（\[【]?(" + _LETTERS + r")" + _NOT_A_WORD, re.IGNORECASE),
+]
+_TERMINATED = re.compile(_ENDS_LETTERS)
 _LEADING = re.compile(r"\s*[(（\[【]?(" + _LETTERS + r")" + _ENDS_LETTERS)
-_LONE = re.compile(r"(?<![A-Za-z])([A-E])" + _ENDS_LETTERS)
+# A letter standing alone ("..., so C."), unless it names something: vitamin D, hepatitis B, type A, 乙型.
+_LONE = re.compile(r"(?<![A-Za-z])(?<!vitamin )(?<!hepatitis )(?<!type )(?<!group )(?<!stage )(?<!grade )"
+                   r"(?<!class )(?<!维生素)([A-E])" + _ENDS_LETTERS, re.IGNORECASE)
 
 
 def extract_answer_letters(text: str, letters: list[str]) -> frozenset | None:
     """The option letters a generated answer gives, or None when none can be read. In order: an answer cue
-    ("Answer: B", "答案：AC"), a leading letter set ("B.", "(B)", "A, C"), then every letter standing alone
-    ("... so C."); letters that are not among the question's options do not count."""
+    ("Answer: B", "答案：AC", "the answer is A, C and D"), a choice cue ("应选D", "the correct option is
+    C"), a leading letter set ("B.", "(B)", "A, C"), then the letters standing alone ("..., so C.");
+    markdown emphasis is ignored, and letters that are not among the question's options do not count."""
     allowed = set(letters)
+    text = re.sub(r"[*_`]", "", text)
 
     def letter_set(found_text: str) -> frozenset | None:
         found = frozenset(letter for letter in re.findall(r"[A-E]", found_text) if letter in allowed)
         return found or None
 
-    for match in _CUED.finditer(text):
-        if found := letter_set(match.group(1)):
-            return found
+    for cue in _ANSWER_CUES:
+        for match in cue.finditer(text):
+            letters_text = match.group(1)
+            if not _TERMINATED.match(text, match.end()):  # "the answer is B, A is wrong": only B is the answer
+                letters_text = letters_text[0]
+            if found := letter_set(letters_text):
+                return found
     match = _LEADING.match(text)
     if match and (found := letter_set(match.group(1))):
         return found
-    return letter_set("".join(match.group(1) for match in _LONE.finditer(text)))
+    return letter_set("".join(match.group(1) for match in _LONE.finditer(text) if match.group(1).isupper()))
 
 
 def choice_summary(results: list[dict], key: str) -> dict:
@@ -164,8 +184,8 @@ def choice_summary(results: list[dict], key: str) -> dict:
 
 
 def perplexity(total_nll: float, token_count: int) -> float:
-    """exp of the mean negative log-likelihood per predicted token."""
-    return math.exp(total_nll / token_count) if token_count else float("nan")
+    """exp of the mean negative log-likelihood per predicted token (None without tokens)."""
+    return math.exp(total_nll / token_count) if token_count else None
 
 
 def pairwise_accuracy(chosen_scores: list[float], rejected_scores: list[float]) -> dict:

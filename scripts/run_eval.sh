@@ -20,7 +20,7 @@ OUTPUT_DIR=${OUTPUT_DIR:-outputs/eval}
 MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-128}
 BATCH_SIZE=${BATCH_SIZE:-16}
 
-for model in $MODELS; do ensure_model "${model#*=}"; done
+for model in $MODELS; do model=${model#*=}; ensure_model "${model%%+*}"; done
 # shellcheck disable=SC2086  # MODELS and API_MODELS are space-separated lists
 "$PYTHON" evaluate_models.py ${MODELS:+--models $MODELS} ${API_BASE:+--api_base "$API_BASE"} \
   ${API_MODELS:+--api_models $API_MODELS} \

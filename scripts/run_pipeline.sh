@@ -79,11 +79,16 @@ for line in open(sys.argv[1], encoding="utf-8"):
     print(f"\nQ: {row['input']}\nA: {row['output']}")
 PY
 
-echo "== before and after: $MODEL against $current on the held-out set (data/eval)"
-eval_sample=()
-if [ "$EVAL_QUESTIONS" -gt 0 ]; then eval_sample=(--max_questions "$EVAL_QUESTIONS"); fi
-"$PYTHON" evaluate_models.py --models "before=$MODEL" "after=$current" \
-  --mc_file data/eval/multiple_choice.jsonl --open_file data/eval/open_questions.jsonl "${eval_sample[@]}" \
-  --max_new_tokens 64 --repetition_penalty 1.1 --batch_size 16 --output_dir "$OUT/eval" --overwrite_output_dir True
+if [ "$current" = "$MODEL" ]; then
+  echo "== no stage changed $MODEL (STAGES=\"$STAGES\" merges nothing): no before/after comparison"
+else
+  echo "== before and after: $MODEL against $current on the held-out set (data/eval)"
+  sample=""
+  if [ "$EVAL_QUESTIONS" -gt 0 ]; then sample="--max_questions $EVAL_QUESTIONS"; fi
+  # shellcheck disable=SC2086  # $sample is empty or two words
+  "$PYTHON" evaluate_models.py --models "before=$MODEL" "after=$current" \
+    --mc_file data/eval/multiple_choice.jsonl --open_file data/eval/open_questions.jsonl $sample \
+    --max_new_tokens 64 --repetition_penalty 1.1 --batch_size 16 --output_dir "$OUT/eval" --overwrite_output_dir True
+fi
 echo
 echo "pipeline ($STAGES) finished in $(( $(date +%s) - start )) s; final model: $current, answers: $OUT/answers.jsonl, evaluation: $OUT/eval"

@@ -14,7 +14,7 @@ import torch
 import evaluate_models
 from conftest import REPO, run_script, tiny_training_flags
 from medgpt.eval_data import ChoiceQuestion
-from medgpt.evaluation import chart_size, metric_table, score_choices_by_loglikelihood
+from medgpt.evaluation import chart_size, metric_table, score_choices_by_loglikelihood, summaries
 from medgpt.generation import ChatModel, InferenceModelArguments
 
 CHOICE_RECORDS = [
@@ -149,12 +149,11 @@ def test_two_local_models_and_an_endpoint_in_one_run(tiny_model_dir, random_adap
 
     from PIL import Image
 
-    summaries = {label: {k: v for k, v in result.items() if k != "per_question"} for label, result in models.items()}
     with Image.open(out / "comparison.png") as image:
         image.verify()
     with Image.open(out / "comparison.png") as image:
         assert image.format == "PNG"
-        assert image.size == chart_size(len(metric_table(summaries))) == (1200, 1500)
+        assert image.size == chart_size(len(metric_table(summaries(models)))) == (1200, 1500)
 
 
 def test_option_loglikelihoods_equal_a_plain_forward_pass(tiny_model_dir):
@@ -241,3 +240,14 @@ def test_bad_input_is_one_line_with_exit_status_2(case, tiny_model_dir, tmp_path
     assert len(error) == 1 and error[0].startswith("error: ") and expected in error[0], error
     if case == "results already there":
         assert (tmp_path / "eval" / "results.json").read_text() == "{}"
+
+
+def test_a_model_given_nothing_it_can_be_scored_on_is_refused_before_any_work(endpoint, tmp_path, capsys):
+    text_file = tmp_path / "notes.txt"
+    text_file.write_text("Hypertension raises the risk of stroke.\n", encoding="utf-8")
+    with pytest.raises(SystemExit) as stop:
+        evaluate_models.main(["--api_base", endpoint, "--api_models", "stub-doctor", "--ppl_text_file", str(text_file),
+                              "--output_dir", str(tmp_path / "eval")])
+    assert stop.value.code == 2
+    assert "model 'stub-doctor' is an endpoint model: it is scored on --mc_file, --open_file" in capsys.readouterr().err
+    assert not (tmp_path / "eval").exists()

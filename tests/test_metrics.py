@@ -28,6 +28,10 @@ def test_rouge_and_token_f1_of_a_chinese_pair():
     assert scores["rougeL"] == pytest.approx(200 / 3)
     assert metrics.token_f1(DIABETES_ANSWER, DIABETES_REFERENCE) == pytest.approx(200 / 3)
     assert metrics.token_f1("完全不同", DIABETES_REFERENCE) == 0.0
+    # English articles do not count in token F1 (as in SQuAD): "fever" against "high fever": P = 1, R = 1/2,
+    # F1 = 2/3. ROUGE-1 counts "the": 2 shared of 2 and 3 words: P = 1, R = 2/3, F = 0.8.
+    assert metrics.token_f1("the fever", "the high fever") == pytest.approx(200 / 3)
+    assert metrics.rouge("the fever", "the high fever")["rouge1"] == pytest.approx(80.0)
 
 
 def test_bleu4_of_a_chinese_and_an_english_pair():
@@ -82,6 +86,10 @@ def test_multiple_answer_questions_are_scored_as_whole_sets():
     ("答案：AC", "AC"), ("正确答案是A、C、D", "ACD"), ("A, C and D", "ACD"), ("排除A以后，应选D", "D"),
     ("I would choose C.", "C"), ("E", None),  # E is not an option of a 4-option question
     ("A patient with these symptoms should rest", None), ("I am not sure", None),
+    ("Answer: C\n\nA) is wrong because ...", "C"), ("The answer is B, A is incorrect.", "B"),
+    ("答案：C，A选项错误", "C"), ("Choices A and B are distractors; the answer is C.", "C"),
+    ("该病诊断首选B超，答案是D", "D"), ("the answer is A, B, and D", "ABD"), ("**B**", "B"),
+    ("The correct choice is **B**.", "B"), ("It is caused by hepatitis B.", None), ("Vitamin D.", None),
 ])
 def test_answer_letters_are_read_from_generated_answers(text, letters):
     found = metrics.extract_answer_letters(text, list("ABCD"))
