@@ -251,3 +251,26 @@ def test_a_model_given_nothing_it_can_be_scored_on_is_refused_before_any_work(en
     assert stop.value.code == 2
     assert "model 'stub-doctor' is an endpoint model: it is scored on --mc_file, --open_file" in capsys.readouterr().err
     assert not (tmp_path / "eval").exists()
+
+
+def test_a_reward_model_is_scored_on_preference_pairs(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    reward_dir = tmp_path / "rm"
+    torch.manual_seed(3)
+    AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1).save_pretrained(reward_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.chat_template = None  # the template comes from --template_name
+    tokenizer.save_pretrained(reward_dir)
+    out = tmp_path / "eval"
+    evaluate_models.main(["--models", f"rm={reward_dir}", "--preference_file",
+                          os.path.join(REPO, "data", "reward", "medical_preference.jsonl"), "--max_questions", "6",
+                          "--template_name", "chatml", "--output_dir", str(out)])
+    result = json.loads((out / "results.json").read_text(encoding="utf-8"))["models"]["rm"]
+    pairs = result["per_question"]["preference"]
+    assert result["kind"] == "reward model" and len(pairs) == 6
+    margins = [pair["chosen_score"] - pair["rejected_score"] for pair in pairs]
+    assert result["reward"]["accuracy"] == pytest.approx(100 * sum(m > 0 for m in margins) / 6)
+    assert result["reward"]["mean_margin"] == pytest.approx(sum(margins) / 6, abs=1e-3)
+    assert len(set(margins)) == 6  # a real score per pair, not a constant
+    assert "| Reward model: pairwise accuracy (%) |" in (out / "results.md").read_text(encoding="utf-8")
