@@ -53,6 +53,9 @@ class EvaluationArguments:
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace results already in --output_dir."})
     template_name: str = field(default="auto", metadata={
         "help": "auto: each model's saved chat_template; or a name from template.py for every local model."})
+    default_template: str | None = field(default=None, metadata={
+        "help": "With --template_name auto: the template for models that have no chat_template of their own "
+                "(a base model next to the fine-tuned one)."})
     torch_dtype: str = field(default="auto", metadata={"help": "auto, float32, bfloat16 or float16."})
     max_length: int = field(default=1024, metadata={"help": "Token limit of perplexity blocks and conversations."})
     max_new_tokens: int = field(default=128, metadata={"help": "Longest answer to an open question."})
@@ -168,7 +171,7 @@ def main(argv=None):
 
     paths = check_output_dir(args)
     endpoint = endpoint_for(args)
-    specs = parse_model_specs(args.models, args.api_models, args.template_name)
+    specs = parse_model_specs(args.models, args.api_models, args.template_name, args.default_template)
     data = load_data(args)
     for spec in specs:
         check_scorable(spec, data)

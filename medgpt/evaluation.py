@@ -32,6 +32,7 @@ class ModelSpec:
     path: str | None = None
     adapter: str | None = None
     api_model: str | None = None
+    template: str = "auto"  # how its prompts are rendered: "auto" (its own chat_template) or a template name
 
     def describe(self) -> str:
         if self.api_model:
@@ -45,10 +46,12 @@ def split_label(text: str) -> tuple[str | None, str]:
     return (label.strip(), value.strip()) if separator and label.strip() and "/" not in label else (None, text.strip())
 
 
-def parse_model_specs(models: list[str], api_models: list[str], template_name: str) -> list[ModelSpec]:
+def parse_model_specs(models: list[str], api_models: list[str], template_name: str = "auto",
+                      default_template: str | None = None) -> list[ModelSpec]:
     """`[LABEL=]FOLDER`, `[LABEL=]BASE+ADAPTER` and endpoint `[LABEL=]NAME` values, each folder checked to
-    exist and to have a chat template (or `template_name`) before the first model spends minutes."""
-    from medgpt.modeling import check_adapter_path, check_model_path
+    exist and to have a chat template before the first model spends minutes: `template_name` for every model,
+    or with "auto" the model's own, or `default_template` for a model without one."""
+    from medgpt.modeling import check_adapter_path, check_model_path, is_adapter_folder
 
     specs = []
     for text in models:
@@ -56,11 +59,15 @@ def parse_model_specs(models: list[str], api_models: list[str], template_name: s
         path, adapter = value, None
         if "+" in value and not os.path.exists(value):
             path, adapter = (part.strip() for part in value.rsplit("+", 1))
+        if os.path.isdir(path) and is_adapter_folder(path):
+            raise InputError("this is a LoRA adapter folder: give it with its base model as --models "
+                             "LABEL=BASE+ADAPTER", path)
         check_model_path(path, "--models")
         if adapter:
             check_adapter_path(adapter, "--models")
-        specs.append(ModelSpec(label or os.path.basename(os.path.normpath(adapter or path)), path, adapter))
-        check_chat_template(specs[-1], template_name)
+        spec = ModelSpec(label or os.path.basename(os.path.normpath(adapter or path)), path, adapter)
+        spec.template = chat_template_for(spec, template_name, default_template)
+        specs.append(spec)
     for text in api_models:
         label, value = split_label(text)
         if not value:
@@ -75,15 +82,19 @@ def parse_model_specs(models: list[str], api_models: list[str], template_name: s
     return specs
 
 
-def check_chat_template(spec: ModelSpec, template_name: str) -> None:
-    """The model's tokenizer opens and has a chat template (or `template_name` names one); else an error
-    naming the model's folder."""
+def chat_template_for(spec: ModelSpec, template_name: str, default_template: str | None) -> str:
+    """The template the model's prompts are rendered with, checked now; a model without a chat template of
+    its own (and no `default_template`) is an error naming its folder."""
     from medgpt.chat import ChatFormat
     from medgpt.modeling import open_tokenizer, tokenizer_folder
 
     folder = tokenizer_folder(spec.path, spec.adapter)
     try:
-        ChatFormat.for_model(template_name, open_tokenizer(folder))
+        tokenizer = open_tokenizer(folder)
+        if template_name == "auto" and not tokenizer.chat_template and default_template:
+            template_name = default_template
+        ChatFormat.for_model(template_name, tokenizer)
+        return template_name
     except InputError as error:
         raise InputError(f"model '{spec.label}': {error.message}", folder) from None
     except (OSError, ValueError) as error:
@@ -487,7 +498,7 @@ def evaluate_local(spec: ModelSpec, data: EvalData, args) -> dict:
 
     if is_reward_model(spec):
         return evaluate_reward_model(spec, data, args)
-    model_args = InferenceModelArguments(base_model=spec.path, lora_model=spec.adapter, template_name=args.template_name,
+    model_args = InferenceModelArguments(base_model=spec.path, lora_model=spec.adapter, template_name=spec.template,
                                          torch_dtype=args.torch_dtype)
     chat_model = ChatModel(model_args)
     result = {"kind": "local", "model": spec.describe(), "template": chat_model.chat_format.name}
@@ -549,7 +560,7 @@ def evaluate_reward_model(spec: ModelSpec, data: EvalData, args) -> dict:
                        spec.label)
         return result
     tokenizer = open_tokenizer(tokenizer_folder(spec.path, spec.adapter))
-    chat_format = ChatFormat.for_model(args.template_name, tokenizer)
+    chat_format = ChatFormat.for_model(spec.template, tokenizer)
     model = AutoModelForSequenceClassification.from_pretrained(
         spec.path, num_labels=1, dtype=resolve_dtype(args.torch_dtype),
         **({"device_map": "auto"} if torch.cuda.is_available() else {}))

@@ -88,7 +88,8 @@ else
   # shellcheck disable=SC2086  # $sample is empty or two words
   "$PYTHON" evaluate_models.py --models "before=$MODEL" "after=$current" \
     --mc_file data/eval/multiple_choice.jsonl --open_file data/eval/open_questions.jsonl $sample \
-    --max_new_tokens 64 --repetition_penalty 1.1 --batch_size 16 --output_dir "$OUT/eval" --overwrite_output_dir True
+    --default_template "$TEMPLATE" --max_new_tokens 64 --repetition_penalty 1.1 --batch_size 16 \
+    --output_dir "$OUT/eval" --overwrite_output_dir True
 fi
 echo
 echo "pipeline ($STAGES) finished in $(( $(date +%s) - start )) s; final model: $current, answers: $OUT/answers.jsonl, evaluation: $OUT/eval"

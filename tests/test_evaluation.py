@@ -274,3 +274,24 @@ def test_a_reward_model_is_scored_on_preference_pairs(tiny_model_dir, tmp_path):
     assert result["reward"]["mean_margin"] == pytest.approx(sum(margins) / 6, abs=1e-3)
     assert len(set(margins)) == 6  # a real score per pair, not a constant
     assert "| Reward model: pairwise accuracy (%) |" in (out / "results.md").read_text(encoding="utf-8")
+
+
+def test_a_model_without_a_chat_template_needs_one_named(tiny_model_dir, random_adapter, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from medgpt.errors import InputError
+    from medgpt.evaluation import parse_model_specs
+
+    bare = tmp_path / "bare"
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir).save_pretrained(bare)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.chat_template = None
+    tokenizer.save_pretrained(bare)
+    with pytest.raises(InputError, match="model 'base': the model has no chat_template") as error:
+        parse_model_specs([f"base={bare}"], [])
+    assert error.value.path == str(bare)
+    specs = parse_model_specs([f"base={bare}", f"tuned={tiny_model_dir}"], [], default_template="chatml")
+    assert [spec.template for spec in specs] == ["chatml", "auto"]  # a model's own template comes first
+    assert parse_model_specs([f"tuned={tiny_model_dir}"], [], template_name="llama3")[0].template == "llama3"
+    with pytest.raises(InputError, match="LoRA adapter folder: give it with its base model"):
+        parse_model_specs([random_adapter], [])
