@@ -90,8 +90,9 @@ class DataReport:
         logger.info(self.summary())
 
 
-def find_data_files(path: str) -> list[str]:
-    """A file, or every .jsonl/.json/.txt file below a folder (sorted, so runs are repeatable)."""
+def find_data_files(path: str, suffixes: tuple[str, ...] = DATA_SUFFIXES) -> list[str]:
+    """A file, or every .jsonl/.json/.txt file (or one of `suffixes`) below a folder, sorted so that runs
+    are repeatable."""
     if not os.path.exists(path):
         raise InputError("no such file or folder", path)
     if os.path.isfile(path):
@@ -99,9 +100,9 @@ def find_data_files(path: str) -> list[str]:
     files = []
     for root, dirs, names in os.walk(path):
         dirs.sort()
-        files += [os.path.join(root, name) for name in sorted(names) if name.endswith(DATA_SUFFIXES)]
+        files += [os.path.join(root, name) for name in sorted(names) if name.endswith(suffixes)]
     if not files:
-        raise InputError(f"no {'/'.join(DATA_SUFFIXES)} files in this folder", path)
+        raise InputError(f"no {'/'.join(suffixes)} files in this folder", path)
     return files
 
 

@@ -14,7 +14,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from medgpt.data import RecordError, decode_lines, read_raw_records
+from medgpt.data import RecordError, decode_lines, find_data_files, read_raw_records
 from medgpt.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -58,19 +58,9 @@ def _bad(message: str) -> RecordError:
 
 def find_question_files(path: str, suffixes: tuple[str, ...]) -> list[str]:
     """A file, or every file with one of `suffixes` below a folder, sorted so that runs are repeatable."""
-    if not os.path.exists(path):
-        raise InputError("no such file or folder", path)
-    if os.path.isfile(path):
-        if not path.endswith(suffixes):
-            raise InputError(f"questions must be in a {', '.join(suffixes)} file", path)
-        return [path]
-    files = []
-    for root, dirs, names in os.walk(path):
-        dirs.sort()
-        files += [os.path.join(root, name) for name in sorted(names) if name.endswith(suffixes)]
-    if not files:
-        raise InputError(f"no {'/'.join(suffixes)} files in this folder", path)
-    return files
+    if os.path.isfile(path) and not path.endswith(suffixes):
+        raise InputError(f"questions must be in a {', '.join(suffixes)} file", path)
+    return find_data_files(path, suffixes)
 
 
 def _is_blank(path: str) -> bool:
