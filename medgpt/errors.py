@@ -1,5 +1,6 @@
 """One error type for bad input, reported as `path:line: what is wrong` and exit status 2."""
 
+import contextlib
 import functools
 import logging
 import sys
@@ -29,7 +30,8 @@ def exit_on_input_error(main):
             return main(*args, **kwargs)
         except InputError as error:
             for handler in logging.getLogger().handlers:  # earlier log lines first, then the error
-                handler.flush()
+                with contextlib.suppress(OSError, ValueError):  # a stream closed under us, as shutdown() allows
+                    handler.flush()
             print(f"error: {error}", file=sys.stderr)
             sys.exit(2)
 

@@ -101,6 +101,7 @@ def test_two_local_models_and_an_endpoint_in_one_run(tiny_model_dir, random_adap
         "--mc_file", choice_file, "--open_file", open_file,
         "--ppl_conversation_file", os.path.join(REPO, "data", "eval", "finetune"), "--max_questions", "4",
         "--template_name", "chatml", "--max_new_tokens", "8", "--latency_questions", "1", "--output_dir", str(out),
+        "--mc_method", "both", "--mc_max_new_tokens", "6",
     ])
     document = json.loads((out / "results.json").read_text(encoding="utf-8"))
     models = document["models"]
@@ -133,6 +134,12 @@ def test_two_local_models_and_an_endpoint_in_one_run(tiny_model_dir, random_adap
         for row in rows:
             best = max(row["loglikelihoods"], key=row["loglikelihoods"].get)
             assert row["predicted"] == best and row["acc"] == (best == row["answer"])
+        # --mc_method both: the same questions also answered in words, their letters read back
+        for row in rows:
+            extracted = set(row["extracted"] or "")
+            assert isinstance(row["generated"], str) and row["acc_generated"] == (extracted == set(row["answer"]))
+        failures = 100 * sum(row["extracted"] is None for row in rows) / 3
+        assert result["multiple_choice"]["extraction_failure_rate"] == pytest.approx(failures)
         assert len(result["per_question"]["open"]) == 2
         assert result["perplexity"]["answers"]["perplexity"] > 1
     # The adapter changes the model, so it changes the scores.
