@@ -2,6 +2,7 @@
 streamed answer, two tabs keep their own conversations, Clear empties the page."""
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -92,7 +93,10 @@ def test_a_streamed_answer_own_conversations_per_tab_and_clear(page_url, browser
     ask(second, "高血压怎么办？")  # both tabs generate at the same time
     texts = answer_texts(first)
     assert texts and texts[-1], "no answer appeared"
-    assert len(texts) >= 2 and all(texts[-1].startswith(t) for t in texts[:-1]), f"not streamed: {texts}"
+    # The page renders markdown, so markup in the tiny model's random words ("~~", "**") shows literally
+    # until it is closed and then disappears: compare the words and characters only.
+    words = [re.sub(r"[\W_]+", "", text) for text in texts]
+    assert len(texts) >= 2 and all(words[-1].startswith(w) for w in words[:-1]), f"not streamed: {texts}"
     answer_texts(second)
     assert first.locator('[data-testid="user"]').all_inner_texts() == ["What causes anemia?"]
     assert second.locator('[data-testid="user"]').all_inner_texts() == ["高血压怎么办？"]
