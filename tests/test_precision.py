@@ -1,0 +1,83 @@
+"""Training precision by default: bf16 autocast where the hardware computes bf16 natively, fp32 elsewhere,
+and a bf16 loss curve that stays with fp32's."""
+
+import json
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import REPO, run_script, tiny_training_flags
+from medgpt import arguments
+
+WITH_BF16 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_tile\n"
+WITH_AMX = "flags\t\t: fpu sse2 avx2 amx_bf16 amx_tile amx_int8\n"
+WITHOUT = "flags\t\t: fpu sse2 avx2 avx512f avx512bw\n"
+
+
+@pytest.fixture
+def no_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+def test_a_cpu_with_native_bf16_trains_in_bf16_autocast_and_others_in_fp32(no_gpu):
+    assert arguments.default_precision(WITH_BF16) == ("bf16", "the CPU has AVX-512 BF16")
+    assert arguments.default_precision(WITH_AMX) == ("bf16", "the CPU has AMX")
+    assert arguments.default_precision(WITHOUT) == ("fp32", "the CPU has no native bf16 (AVX-512 BF16 or AMX)")
+    assert arguments.default_precision("") == ("fp32", "the CPU has no native bf16 (AVX-512 BF16 or AMX)")
+
+
+def test_gpus_get_bf16_where_they_have_it_else_fp16(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert arguments.default_precision(WITHOUT) == ("bf16", "the GPU supports bf16")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert arguments.default_precision(WITH_BF16) == ("fp16", "the GPU has no bf16")
+
+
+def test_the_log_line_says_what_was_chosen_and_why(no_gpu, monkeypatch):
+    monkeypatch.setattr(arguments, "cpu_bf16_units", lambda cpuinfo=None: ["AVX-512 BF16"])
+    default = SimpleNamespace(bf16=True, fp16=False)
+    assert arguments.describe_precision(default) == (
+        "bf16 autocast (default: the CPU has AVX-512 BF16; --bf16 False for fp32)")
+    assert arguments.describe_precision(SimpleNamespace(bf16=False, fp16=False)) == (
+        "fp32 (asked for; the default here is bf16: the CPU has AVX-512 BF16)")
+    monkeypatch.setattr(arguments, "cpu_bf16_units", lambda cpuinfo=None: [])
+    assert arguments.describe_precision(SimpleNamespace(bf16=False, fp16=False)) == (
+        "fp32 (default: the CPU has no native bf16 (AVX-512 BF16 or AMX))")
+
+
+def test_the_scripts_default_follows_the_machine(no_gpu, monkeypatch):
+    from trl import SFTConfig
+
+    for units, expected in ((["AMX"], True), ([], False)):
+        monkeypatch.setattr(arguments, "cpu_bf16_units", lambda cpuinfo=None, units=units: units)
+        (config,) = arguments.parse_args((SFTConfig,), ["--output_dir", "unused", "--report_to", "none"])
+        assert config.bf16 is expected
+    (config,) = arguments.parse_args((SFTConfig,), ["--output_dir", "unused", "--bf16", "False"])
+    assert config.bf16 is False
+
+
+def losses(output_dir) -> list[float]:
+    with open(os.path.join(output_dir, "trainer_state.json"), encoding="utf-8") as handle:
+        return [entry["loss"] for entry in json.load(handle)["log_history"] if "loss" in entry]
+
+
+@pytest.mark.skipif(not arguments.cpu_bf16_units() and not torch.cuda.is_available(),
+                    reason="bf16 autocast is only the default on hardware with native bf16")
+def test_the_bf16_loss_curve_stays_within_two_percent_of_fp32(small_vocab_model_dir, tmp_path):
+    curves = {}
+    for precision in ("True", "False"):
+        out = tmp_path / f"bf16-{precision}"
+        result = run_script(
+            "supervised_finetuning.py", "--model_name_or_path", small_vocab_model_dir, "--train_file_dir",
+            os.path.join(REPO, "data", "finetune"), "--template_name", "chatml", "--use_peft", "True",
+            "--model_max_length", "256", "--bf16", precision, "--seed", "7", *tiny_training_flags(out, steps=6),
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        curves[precision] = losses(out)
+    assert len(curves["True"]) == len(curves["False"]) == 6
+    for bf16_loss, fp32_loss in zip(curves["True"], curves["False"]):
+        assert bf16_loss == pytest.approx(fp32_loss, rel=0.02)
+    assert curves["True"] != curves["False"]  # the flag really changed the arithmetic
