@@ -135,31 +135,33 @@ def cpu_bf16_units(cpuinfo: str | None = None) -> list[str]:
 
 
 def default_precision(cpuinfo: str | None = None) -> tuple[str, str]:
-    """("bf16" | "fp16" | "fp32", why): bf16 autocast where the hardware computes bf16 natively (measured
-    1.44x faster than fp32 on an AVX-512 BF16 CPU), fp16 on GPUs without bf16, fp32 elsewhere."""
+    """("bf16" | "fp16" | "fp32", why). GPUs: bf16 autocast where they support it, else fp16. CPUs: fp32.
+    A CPU's bf16 flags do not tell whether bf16 autocast pays: on two machines of the same class, both with
+    AVX-512 BF16, it trained 1.44x as fast as fp32 on one and 0.6x on the other, so there it stays opt-in."""
     if torch.cuda.is_available():
         return ("bf16", "the GPU supports bf16") if cuda_bf16_available() else ("fp16", "the GPU has no bf16")
     units = cpu_bf16_units(cpuinfo)
     if units:
-        return "bf16", f"the CPU has {' and '.join(units)}"
-    return "fp32", "the CPU has no native bf16 (AVX-512 BF16 or AMX)"
+        return "fp32", (f"a CPU; it has {' and '.join(units)}: try --bf16 True, which trains faster on some such "
+                        "CPUs and slower on others")
+    return "fp32", "a CPU without native bf16 (AVX-512 BF16 or AMX)"
 
 
 def describe_precision(training_args) -> str:
     """The precision a run trains in, and why, for the log line at its start."""
     default, reason = default_precision()
     chosen = "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else "fp32"
+    shown = chosen + (" autocast" if chosen != "fp32" else "")
     if chosen != default:
-        return f"{chosen} (asked for; the default here is {default}: {reason})"
+        return f"{shown} (asked for; the default here is {default}: {reason})"
     off = {"bf16": "; --bf16 False for fp32", "fp16": "; --fp16 False for fp32"}.get(chosen, "")
-    mixed = " autocast" if chosen != "fp32" else ""
-    return f"{chosen}{mixed} (default: {reason}{off})"
+    return f"{shown} (default: {reason}{off})"
 
 
 def hardware_defaults(parser: HfArgumentParser) -> dict:
-    """Defaults that depend on the machine (bf16 autocast where the GPU or CPU computes bf16 natively, fp16
-    on other GPUs, fp32 on other CPUs) and the same for every stage: TensorBoard logs, token counts, no
-    gradient checkpointing unless asked."""
+    """Defaults that depend on the machine (bf16 autocast on GPUs that support it, fp16 on other GPUs, fp32
+    on CPUs) and the same for every stage: TensorBoard logs, token counts, no gradient checkpointing unless
+    asked."""
     known = {action.dest for action in parser._actions}
     precision, _ = default_precision()
     defaults = {
