@@ -157,8 +157,9 @@ def write_results(paths: list[str], results: dict, settings: dict, notes: list[s
     json_path, markdown_path, chart_path = paths
     document = {"created": time.strftime("%Y-%m-%d %H:%M:%S"), "settings": settings, "notes": notes, "models": results}
     atomic_write_text(json_path, json.dumps(document, ensure_ascii=False, indent=1) + "\n")
-    atomic_write_text(markdown_path, markdown_report(summaries(results), notes))
-    save_chart(summaries(results), chart_path)
+    scores = summaries(results)
+    atomic_write_text(markdown_path, markdown_report(scores, notes))
+    save_chart(scores, chart_path)
 
 
 @exit_on_input_error

@@ -18,9 +18,6 @@ from medgpt import metrics
 
 logger = logging.getLogger(__name__)
 
-CJK = re.compile(r"[\u3400-\u9fff]")
-
-
 # ----- what is evaluated ----------------------------------------------------------------------------------
 
 
@@ -122,7 +119,7 @@ def is_reward_model(spec: ModelSpec) -> bool:
 
 
 def is_chinese(text: str) -> bool:
-    return bool(CJK.search(text))
+    return bool(metrics.CJK_RUN.search(text))
 
 
 def choice_messages(question: ChoiceQuestion, ask_for_letters: bool) -> list[dict]:
@@ -180,12 +177,10 @@ def continuation_loglikelihoods(model, prompt_ids: list[int], continuations: lis
         chunk_scores = [first_token[tokens[0]].item() for tokens in chunk]
         longest = max(len(tokens) for tokens in chunk)
         if longest > 1:
-            inputs = torch.zeros((len(chunk), longest - 1), dtype=torch.long, device=device)
-            mask = torch.zeros((len(chunk), prompt_length + longest - 1), dtype=torch.long, device=device)
-            mask[:, :prompt_length] = 1
-            for row, tokens in enumerate(chunk):
-                inputs[row, : len(tokens) - 1] = torch.tensor(tokens[:-1], dtype=torch.long)
-                mask[row, prompt_length : prompt_length + len(tokens) - 1] = 1
+            # Each option's tokens but its last are the inputs; the mask covers the cached prompt too.
+            inputs, option_mask = right_padded([tokens[:-1] for tokens in chunk], 0, device)
+            prompt_mask = torch.ones((len(chunk), prompt_length), dtype=torch.long, device=device)
+            mask = torch.cat([prompt_mask, option_mask], dim=1)
             cache = copy.deepcopy(prompt_cache)
             cache.batch_repeat_interleave(len(chunk))
             logits = model(input_ids=inputs, attention_mask=mask, past_key_values=cache, use_cache=True).logits
@@ -215,8 +210,8 @@ def score_choices_by_loglikelihood(chat_model, questions: list[ChoiceQuestion], 
             continuations.append(_tokenize(chat_model.tokenizer, answer))
         prompt_ids = _tokenize(chat_model.tokenizer, prompt)
         if len(prompt_ids) + max(map(len, continuations)) > context_length:
-            raise InputError(f"the question with its options takes more than the model's {context_length} tokens",
-                             *question.source.rsplit(":", 1))
+            raise InputError.at(f"the question with its options takes more than the model's {context_length} tokens",
+                                question.source)
         loglikelihoods = continuation_loglikelihoods(chat_model.model, prompt_ids, continuations, batch_size)
         best, best_norm = metrics.pick_by_loglikelihood(loglikelihoods, [text for _, text in candidates])
         if len(question.answer) > 1:
@@ -238,6 +233,16 @@ def _question_row(question) -> dict:
     return row
 
 
+def right_padded(sequences: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask) of token lists padded on the right with `pad` to the longest."""
+    longest = max(map(len, sequences))
+    ids = torch.full((len(sequences), longest), pad, dtype=torch.long, device=device)
+    mask = torch.zeros((len(sequences), longest), dtype=torch.long, device=device)
+    for index, tokens in enumerate(sequences):
+        ids[index, : len(tokens)], mask[index, : len(tokens)] = torch.tensor(tokens, dtype=torch.long), 1
+    return ids, mask
+
+
 @torch.no_grad()
 def negative_log_likelihood(model, rows: list[dict], batch_size: int, description: str) -> tuple[float, int]:
     """(summed NLL, predicted tokens) over rows of input_ids/labels, with the labels shifted as the trainers'
@@ -252,15 +257,8 @@ def negative_log_likelihood(model, rows: list[dict], batch_size: int, descriptio
     batch_size = max(1, min(batch_size, LOGIT_BUDGET // (longest_row * vocabulary)))  # a big vocabulary: fewer rows
     for start in tqdm(range(0, len(rows), batch_size), desc=description, unit="batch"):
         batch = rows[start:start + batch_size]
-        longest = max(len(row["input_ids"]) for row in batch)
-        inputs = torch.zeros((len(batch), longest), dtype=torch.long, device=device)
-        labels = torch.full((len(batch), longest), IGNORE_INDEX, dtype=torch.long, device=device)
-        mask = torch.zeros((len(batch), longest), dtype=torch.long, device=device)
-        for index, row in enumerate(batch):
-            length = len(row["input_ids"])
-            inputs[index, :length] = torch.tensor(row["input_ids"])
-            labels[index, :length] = torch.tensor(row["labels"])
-            mask[index, :length] = 1
+        inputs, mask = right_padded([row["input_ids"] for row in batch], 0, device)
+        labels, _ = right_padded([row["labels"] for row in batch], IGNORE_INDEX, device)
         logits = model(input_ids=inputs, attention_mask=mask).logits[:, :-1]
         targets = labels[:, 1:]
         for index in range(len(batch)):  # one row at a time: no second full-size copy in fp32
@@ -276,12 +274,7 @@ def reward_scores(model, tokenizer, sequences: list[list[int]], batch_size: int)
     device, pad = _model_device(model), tokenizer.pad_token_id
     scores = []
     for start in range(0, len(sequences), batch_size):
-        batch = sequences[start:start + batch_size]
-        longest = max(map(len, batch))
-        inputs = torch.full((len(batch), longest), pad, dtype=torch.long, device=device)
-        mask = torch.zeros((len(batch), longest), dtype=torch.long, device=device)
-        for index, ids in enumerate(batch):
-            inputs[index, : len(ids)], mask[index, : len(ids)] = torch.tensor(ids), 1
+        inputs, mask = right_padded(sequences[start:start + batch_size], pad, device)
         scores += model(input_ids=inputs, attention_mask=mask).logits[:, 0].float().tolist()
     return scores
 

@@ -1,6 +1,7 @@
 """Evaluation metrics as small pure functions: answer overlap (BLEU-4, ROUGE, token F1), multiple-choice
 scoring, perplexity and reward-model pairwise accuracy. Nothing here touches a model."""
 
+import functools
 import itertools
 import logging
 import math
@@ -19,6 +20,7 @@ def tokenization_note() -> str:
     return TOKENIZATION.format(jieba=jieba.__version__)
 
 
+@functools.lru_cache(maxsize=1)
 def _jieba():
     import jieba
 
