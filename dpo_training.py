@@ -10,15 +10,19 @@ Every TrainingArguments / DPOConfig flag is
 accepted (e.g. --loss_type sigmoid ipo, --label_smoothing); unknown flags are errors.
 """
 
+from medgpt.allocator import relaunch_with_tcmalloc
+
+relaunch_with_tcmalloc()  # first, before anything allocates (see medgpt/allocator.py)
+
 from trl import DPOConfig, DPOTrainer
 
 from medgpt.arguments import DataArguments, LoraArguments, ModelArguments, PreferenceArguments, parse_args, setup_logging
 from medgpt.errors import exit_on_input_error
 from medgpt.modeling import prepare_model
-from medgpt.training import tokenizer_and_preference_rows, train_on_rows
+from medgpt.training import GroupPairsByLength, tokenizer_and_preference_rows, train_on_rows
 
 
-class PretokenizedDPOTrainer(DPOTrainer):
+class PretokenizedDPOTrainer(GroupPairsByLength, DPOTrainer):
     """DPOTrainer fed with pairs already rendered by our template and tokenized (prompt_ids, chosen_ids,
     rejected_ids), so DPO sees exactly the text SFT and inference see."""
 

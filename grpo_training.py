@@ -10,6 +10,10 @@ with a user turn plus `answer`. Rewards: accuracy (normalized exact / contains /
 answer), format (<think>/<answer> tags), length, model (a reward model folder), or module:function.
 """
 
+from medgpt.allocator import relaunch_with_tcmalloc
+
+relaunch_with_tcmalloc()  # first, before anything allocates (see medgpt/allocator.py)
+
 import importlib.util
 
 import torch

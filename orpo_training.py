@@ -7,6 +7,10 @@ pushes it above the rejected one, in one stage and without a reference model.
 Uses TRL's ORPOTrainer (trl.experimental.orpo), fed with pairs rendered by our template.
 """
 
+from medgpt.allocator import relaunch_with_tcmalloc
+
+relaunch_with_tcmalloc()  # first, before anything allocates (see medgpt/allocator.py)
+
 import os
 from dataclasses import dataclass, field
 
@@ -18,7 +22,7 @@ from medgpt.arguments import DataArguments, LoraArguments, ModelArguments, Prefe
 from medgpt.encoding import IGNORE_INDEX  # noqa: E402
 from medgpt.errors import InputError, exit_on_input_error  # noqa: E402
 from medgpt.modeling import prepare_model  # noqa: E402
-from medgpt.training import tokenizer_and_preference_rows, train_on_rows  # noqa: E402
+from medgpt.training import GroupPairsByLength, tokenizer_and_preference_rows, train_on_rows  # noqa: E402
 
 
 @dataclass
@@ -26,7 +30,7 @@ class ORPOArguments:
     orpo_beta: float = field(default=0.1, metadata={"help": "Weight of the odds-ratio term (lambda in the ORPO paper)."})
 
 
-class PretokenizedORPOTrainer(ORPOTrainer):
+class PretokenizedORPOTrainer(GroupPairsByLength, ORPOTrainer):
     """ORPOTrainer over pairs already tokenized by our template: builds its row layout from the ids."""
 
     def tokenize_row(self, feature, model=None) -> dict:

@@ -13,6 +13,10 @@ flags (--per_device_train_batch_size, --gradient_accumulation_steps, --lr_schedu
 loss, clip fraction and approximate KL (ppo_log.jsonl, trainer_state.json, TensorBoard under OUTPUT_DIR/runs).
 """
 
+from medgpt.allocator import relaunch_with_tcmalloc
+
+relaunch_with_tcmalloc()  # first, before anything allocates (see medgpt/allocator.py)
+
 import torch
 
 from medgpt.arguments import DataArguments, LoraArguments, ModelArguments, parse_args, setup_logging

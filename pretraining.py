@@ -7,9 +7,13 @@ Text comes from .txt files (one document per line) and .jsonl/.json records with
 Documents are joined with the tokenizer's end-of-text token between them and cut into --block_size blocks.
 """
 
+from medgpt.allocator import relaunch_with_tcmalloc
+
+relaunch_with_tcmalloc()  # first, before anything allocates (see medgpt/allocator.py)
+
 from dataclasses import dataclass, field
 
-from transformers import Trainer, TrainingArguments
+from transformers import TrainingArguments
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from medgpt.arguments import DataArguments, LoraArguments, ModelArguments, at_least, parse_args, setup_logging
@@ -17,7 +21,7 @@ from medgpt.data import load_splits
 from medgpt.encoding import encode_text_blocks
 from medgpt.errors import exit_on_input_error
 from medgpt.modeling import load_tokenizer, prepare_model
-from medgpt.training import train_on_rows
+from medgpt.training import FusedLossTrainer, train_on_rows
 
 
 @dataclass
@@ -42,7 +46,7 @@ def main(argv=None):
 
     model = prepare_model(model_args, lora_args, training_args)
     collator = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)
-    train_on_rows(Trainer, model, tokenizer, training_args, train_blocks, eval_blocks, data_collator=collator)
+    train_on_rows(FusedLossTrainer, model, tokenizer, training_args, train_blocks, eval_blocks, data_collator=collator)
 
 
 if __name__ == "__main__":

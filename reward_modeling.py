@@ -9,13 +9,21 @@ with one label; with LoRA the score head is trained in full beside the adapter. 
 pairwise accuracy and mean margin (chosen score - rejected score).
 """
 
+from medgpt.allocator import relaunch_with_tcmalloc
+
+relaunch_with_tcmalloc()  # first, before anything allocates (see medgpt/allocator.py)
+
 from transformers import AutoModelForSequenceClassification
 from trl import RewardConfig, RewardTrainer
 
 from medgpt.arguments import DataArguments, LoraArguments, ModelArguments, PreferenceArguments, parse_args, setup_logging
 from medgpt.errors import exit_on_input_error
 from medgpt.modeling import prepare_model
-from medgpt.training import tokenizer_and_preference_rows, train_on_rows
+from medgpt.training import GroupPairsByLength, tokenizer_and_preference_rows, train_on_rows
+
+
+class PairRewardTrainer(GroupPairsByLength, RewardTrainer):
+    """RewardTrainer with length-grouped pairs."""
 
 
 def full_sequences(rows: list[dict]) -> list[dict]:
@@ -41,7 +49,7 @@ def main(argv=None):
     # The score is read at the last non-padding token, found through the config's pad token id.
     model.config.pad_token_id = tokenizer.pad_token_id
     training_args.max_length = preference_args.max_length
-    train_on_rows(RewardTrainer, model, tokenizer, training_args, full_sequences(train_rows), full_sequences(eval_rows))
+    train_on_rows(PairRewardTrainer, model, tokenizer, training_args, full_sequences(train_rows), full_sequences(eval_rows))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,10 @@ Loss is on assistant turns only unless --train_on_inputs True. The template used
 the saved tokenizer as its chat_template, so inference renders exactly what training saw.
 """
 
+from medgpt.allocator import relaunch_with_tcmalloc
+
+relaunch_with_tcmalloc()  # first, before anything allocates (see medgpt/allocator.py)
+
 from dataclasses import dataclass, field
 
 from trl import SFTConfig, SFTTrainer

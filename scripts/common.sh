@@ -17,3 +17,16 @@ ensure_model() {
     "$PYTHON" scripts/prepare_default_model.py "$1"
   fi
 }
+
+# BATCH_SIZE rows per optimizer step and process, computed MICRO_BATCH_SIZE rows at a time (gradient
+# accumulation: the same loss and update, less activation memory; on CPU micro-batches of 2 rows train as
+# fast as 4 at 0.8 GiB less memory on the default model).
+batch_flags() {
+  local micro=${MICRO_BATCH_SIZE:-2}
+  if [ "$micro" -gt "$BATCH_SIZE" ]; then micro=$BATCH_SIZE; fi
+  if [ $(( BATCH_SIZE % micro )) -ne 0 ]; then
+    echo "error: BATCH_SIZE=$BATCH_SIZE is not a multiple of MICRO_BATCH_SIZE=$micro" >&2
+    return 2
+  fi
+  echo "--per_device_train_batch_size $micro --gradient_accumulation_steps $(( BATCH_SIZE / micro )) --per_device_eval_batch_size $BATCH_SIZE"
+}

@@ -15,6 +15,7 @@ MAX_STEPS=${MAX_STEPS:--1}
 EPOCHS=${EPOCHS:-1}
 BATCH_SIZE=${BATCH_SIZE:-4}
 
+BATCH_FLAGS=$(batch_flags)
 ensure_model "$MODEL"
 launch supervised_finetuning.py \
   --model_name_or_path "$MODEL" \
@@ -24,7 +25,7 @@ launch supervised_finetuning.py \
   --model_max_length "$MAX_LENGTH" \
   --use_peft True --target_modules all --lora_rank 8 --lora_alpha 16 --lora_dropout 0 \
   ${PEFT_PATH:+--peft_path "$PEFT_PATH"} \
-  --per_device_train_batch_size "$BATCH_SIZE" --per_device_eval_batch_size "$BATCH_SIZE" \
+  $BATCH_FLAGS \
   --train_sampling_strategy group_by_length \
   --learning_rate 2e-4 --num_train_epochs "$EPOCHS" --max_steps "$MAX_STEPS" \
   --logging_steps 5 --save_strategy no \

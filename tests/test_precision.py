@@ -1,5 +1,5 @@
-"""Training precision by default: bf16 autocast on GPUs that have it, fp32 on CPUs (bf16 on request), the
-reason logged, and a bf16 loss curve that stays with fp32's."""
+"""Training precision by default: bf16 autocast on GPUs that have it and on CPUs with AMX, fp32 on other
+CPUs (bf16 on request), the reason logged, and a bf16 loss curve that stays with fp32's."""
 
 import json
 import os
@@ -21,16 +21,17 @@ def no_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
 
 
-TRY_BF16 = ": try --bf16 True, which trains faster on some such CPUs and slower on others"
+SLOWER = " but without AMX, where bf16 trains more slowly; --bf16 True to try it"
 
 
-def test_cpus_train_in_fp32_and_the_reason_names_their_bf16_units(no_gpu):
+def test_cpus_train_in_bf16_with_amx_and_in_fp32_without(no_gpu):
     assert arguments.cpu_bf16_units(WITH_BF16) == ["AVX-512 BF16"]
     assert arguments.cpu_bf16_units(WITH_AMX) == ["AMX"]
-    assert arguments.default_precision(WITH_BF16) == ("fp32", "a CPU; it has AVX-512 BF16" + TRY_BF16)
-    assert arguments.default_precision(WITH_AMX) == ("fp32", "a CPU; it has AMX" + TRY_BF16)
-    assert arguments.default_precision(WITHOUT) == ("fp32", "a CPU without native bf16 (AVX-512 BF16 or AMX)")
-    assert arguments.default_precision("") == ("fp32", "a CPU without native bf16 (AVX-512 BF16 or AMX)")
+    assert arguments.default_precision(WITH_AMX) == ("bf16", "a CPU with AMX")
+    assert arguments.default_precision(WITH_BF16 + "amx_bf16\n") == ("bf16", "a CPU with AMX")
+    assert arguments.default_precision(WITH_BF16) == ("fp32", "a CPU with AVX-512 BF16" + SLOWER)
+    assert arguments.default_precision(WITHOUT) == ("fp32", "a CPU without native bf16 (AMX)")
+    assert arguments.default_precision("") == ("fp32", "a CPU without native bf16 (AMX)")
 
 
 def test_gpus_get_bf16_where_they_have_it_else_fp16(monkeypatch):
@@ -44,9 +45,12 @@ def test_gpus_get_bf16_where_they_have_it_else_fp16(monkeypatch):
 def test_the_log_line_says_what_was_chosen_and_why(no_gpu, monkeypatch):
     monkeypatch.setattr(arguments, "cpu_bf16_units", lambda cpuinfo=None: ["AVX-512 BF16"])
     assert arguments.describe_precision(SimpleNamespace(bf16=False, fp16=False)) == (
-        "fp32 (default: a CPU; it has AVX-512 BF16" + TRY_BF16 + ")")
+        "fp32 (default: a CPU with AVX-512 BF16" + SLOWER + ")")
     assert arguments.describe_precision(SimpleNamespace(bf16=True, fp16=False)) == (
-        "bf16 autocast (asked for; the default here is fp32: a CPU; it has AVX-512 BF16" + TRY_BF16 + ")")
+        "bf16 autocast (asked for; the default here is fp32: a CPU with AVX-512 BF16" + SLOWER + ")")
+    monkeypatch.setattr(arguments, "cpu_bf16_units", lambda cpuinfo=None: ["AVX-512 BF16", "AMX"])
+    assert arguments.describe_precision(SimpleNamespace(bf16=True, fp16=False)) == (
+        "bf16 autocast (default: a CPU with AMX; --bf16 False for fp32)")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
     assert arguments.describe_precision(SimpleNamespace(bf16=True, fp16=False)) == (
@@ -57,8 +61,13 @@ def test_the_scripts_default_follows_the_machine(monkeypatch):
     from trl import SFTConfig
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(arguments, "cpu_bf16_units", lambda cpuinfo=None: ["AVX-512 BF16"])
     (config,) = arguments.parse_args((SFTConfig,), ["--output_dir", "unused", "--report_to", "none"])
     assert config.bf16 is False and config.fp16 is False
+    monkeypatch.setattr(arguments, "cpu_bf16_units", lambda cpuinfo=None: ["AVX-512 BF16", "AMX"])
+    (config,) = arguments.parse_args((SFTConfig,), ["--output_dir", "unused", "--report_to", "none"])
+    assert config.bf16 is True and config.fp16 is False
+    monkeypatch.setattr(arguments, "cpu_bf16_units", lambda cpuinfo=None: [])
     (config,) = arguments.parse_args((SFTConfig,), ["--output_dir", "unused", "--report_to", "none", "--bf16", "True"])
     assert config.bf16 is True
 

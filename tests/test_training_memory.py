@@ -1,0 +1,225 @@
+"""Training without waste: the fused (chunked) loss equals the plain one, micro-batches equal the whole
+batch, preference pairs are grouped by length, and the training scripts run under tcmalloc."""
+
+import json
+import os
+import subprocess
+
+import pytest
+import torch
+from datasets import Dataset
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+from trl.trainer.utils import add_fused_lm_head
+
+from conftest import REPO, run_script, tiny_training_flags
+from medgpt import allocator
+from medgpt.training import FusedLossTrainer, GroupPairsByLength, pair_lengths
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Tiles far smaller than the batch, and a vocabulary tile that does not divide the vocabulary, so
+    that every edge of the tiling is crossed."""
+    import trl.kernels.chunked_logprob as chunked_logprob
+    import trl.trainer.utils as trl_utils
+
+    monkeypatch.setattr(chunked_logprob, "TOKEN_CHUNK_SIZE", 16)
+    monkeypatch.setattr(trl_utils, "_CHUNKED_LOGPROB_CHUNK_SIZE", 5000)
+
+
+def lora_model(model_dir: str):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:  # a fresh adapter's B is zero, which would leave A's gradients zero
+            torch.nn.init.normal_(parameter, std=0.05)
+    return model
+
+
+def batch_with_masked_prompts_and_padding(vocab_size: int) -> dict:
+    generator = torch.Generator().manual_seed(3)
+    input_ids = torch.randint(0, vocab_size, (3, 41), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 30:] = 0
+    attention_mask[2, 12:] = 0
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    labels[:, :9] = -100  # the prompt
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def loss_and_gradients(model, batch: dict, **extra) -> tuple[torch.Tensor, dict]:
+    model.zero_grad()
+    loss = model(**batch, **extra).loss
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def test_the_fused_loss_equals_the_plain_loss_and_its_gradients(tiny_model_dir, small_tiles):
+    model = lora_model(tiny_model_dir)
+    batch = batch_with_masked_prompts_and_padding(model.config.vocab_size)
+    plain_loss, plain_grads = loss_and_gradients(model, batch)
+    add_fused_lm_head(model.get_base_model())
+    fused_loss, fused_grads = loss_and_gradients(model, batch, fused_lm_head=True)
+
+    assert plain_loss.item() > 1.0
+    assert fused_loss.item() == pytest.approx(plain_loss.item(), rel=1e-5)
+    assert plain_grads.keys() == fused_grads.keys() and len(plain_grads) == 2 * 7 * 2
+    for name, gradient in plain_grads.items():
+        assert gradient.abs().max() > 0, name
+        torch.testing.assert_close(fused_grads[name], gradient, rtol=1e-5, atol=1e-5 * gradient.abs().max().item())
+
+
+def train_three_steps(trainer_class, model_dir: str, blocks: list[dict], output_dir) -> list[float]:
+    model = lora_model(model_dir)
+    args = TrainingArguments(
+        output_dir=str(output_dir), max_steps=3, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+        learning_rate=1e-2, logging_steps=1, report_to="none", save_strategy="no", use_cpu=True, seed=0,
+    )
+    trainer = trainer_class(model=model, args=args, train_dataset=Dataset.from_list(blocks),
+                            data_collator=DataCollatorForLanguageModeling(pad_token_id=0))
+    trainer.train()
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+def test_the_pretraining_trainer_with_the_fused_loss_follows_the_plain_one(tiny_model_dir, small_tiles, tmp_path):
+    generator = torch.Generator().manual_seed(5)
+    blocks = [{"input_ids": torch.randint(1, 1000, (int(length),), generator=generator).tolist()}
+              for length in torch.randint(12, 48, (12,), generator=generator)]
+    plain = train_three_steps(Trainer, tiny_model_dir, blocks, tmp_path / "plain")
+    fused = train_three_steps(FusedLossTrainer, tiny_model_dir, blocks, tmp_path / "fused")
+    assert len(plain) == len(fused) == 3
+    assert plain[0] != plain[2]  # it trained
+    assert fused == pytest.approx(plain, rel=1e-5)
+
+
+def test_micro_batches_train_like_the_whole_batch(tiny_model_dir, tmp_path):
+    curves = []
+    for micro_batch, accumulation in ((4, 1), (2, 2)):
+        out = tmp_path / f"micro{micro_batch}"
+        flags = tiny_training_flags(out, steps=3)
+        flags[flags.index("--per_device_train_batch_size") + 1] = str(micro_batch)
+        result = run_script(
+            "supervised_finetuning.py", "--model_name_or_path", tiny_model_dir, "--train_file_dir",
+            os.path.join(REPO, "data", "finetune"), "--template_name", "chatml", "--use_peft", "True",
+            "--model_max_length", "128", "--train_sampling_strategy", "group_by_length",
+            "--gradient_accumulation_steps", str(accumulation), *flags,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        with open(out / "trainer_state.json", encoding="utf-8") as handle:
+            curves.append([entry["loss"] for entry in json.load(handle)["log_history"] if "loss" in entry])
+    assert len(curves[0]) == 3
+    assert curves[1][0] == pytest.approx(curves[0][0], rel=1e-6)  # the same loss before any update
+    # After updates, 1e-4: the micro-batches sum their gradients in another order, and Adam's first steps
+    # (about lr x sign) turn float noise in near-zero gradients into whole steps.
+    assert curves[1] == pytest.approx(curves[0], rel=1e-3)
+
+
+def test_pair_lengths_read_each_preference_layout():
+    dpo = Dataset.from_list([{"prompt_ids": [1, 2, 3], "chosen_ids": [4], "rejected_ids": [5, 6]}])
+    reward = Dataset.from_list([{"chosen_ids": [1, 2, 3, 4], "rejected_ids": [1, 2]}])
+    orpo = Dataset.from_list([{"chosen_input_ids": [1], "rejected_input_ids": [1, 2, 3]}])
+    assert pair_lengths(dpo) == [5]
+    assert pair_lengths(reward) == [4]
+    assert pair_lengths(orpo) == [3]
+    assert pair_lengths(Dataset.from_list([{"input_ids": [1, 2]}])) is None
+
+
+class PlainSampling:
+    def _get_train_sampler(self, train_dataset=None):
+        return "the trainer's own sampler"
+
+
+class Args:
+    train_sampling_strategy = "group_by_length"
+    train_batch_size = 2
+    gradient_accumulation_steps = 2
+
+
+def test_grouped_pairs_pad_less_than_random_order():
+    generator = torch.Generator().manual_seed(0)
+    lengths = torch.randint(5, 300, (64,), generator=generator).tolist()
+    rows = [{"prompt_ids": [0] * 4, "chosen_ids": [1] * n, "rejected_ids": [2] * (n // 2)} for n in lengths]
+    trainer = type("Trainer", (GroupPairsByLength, PlainSampling), {})()
+    trainer.args, trainer.train_dataset = Args(), Dataset.from_list(rows)
+    torch.manual_seed(0)
+    order = list(trainer._get_train_sampler())
+    assert sorted(order) == list(range(64))
+
+    def padding(indices):
+        batches = [indices[start:start + 4] for start in range(0, 64, 4)]
+        return sum(max(lengths[i] for i in batch) * 4 - sum(lengths[i] for i in batch) for batch in batches)
+
+    random_order = torch.randperm(64, generator=generator).tolist()
+    assert padding(order) < padding(random_order) / 3
+
+    trainer.args.train_sampling_strategy = "random"
+    assert trainer._get_train_sampler() == "the trainer's own sampler"
+
+
+def test_the_batch_settings_of_the_run_scripts():
+    def flags(batch: int, micro: int | None = None) -> subprocess.CompletedProcess:
+        env = dict(os.environ, BATCH_SIZE=str(batch))
+        if micro is not None:
+            env["MICRO_BATCH_SIZE"] = str(micro)
+        return subprocess.run(["bash", "-c", "source scripts/common.sh && batch_flags"], cwd=REPO, env=env,
+                              capture_output=True, text=True)
+
+    assert flags(4).stdout.split() == ["--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
+                                       "--per_device_eval_batch_size", "4"]
+    assert flags(1).stdout.split()[:4] == ["--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "1"]
+    assert flags(8, micro=8).stdout.split()[:4] == ["--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "1"]
+    odd = flags(3)
+    assert odd.returncode == 2 and odd.stderr.strip() == "error: BATCH_SIZE=3 is not a multiple of MICRO_BATCH_SIZE=2"
+
+
+@pytest.fixture
+def no_exec(monkeypatch):
+    """os.execv recorded instead of run; the environment restored afterwards."""
+    calls = []
+    monkeypatch.setattr(os, "execv", lambda path, argv: calls.append((path, argv, dict(os.environ))))
+    for name in ("MEDGPT_ALLOCATOR", allocator.RELAUNCHED, "LD_PRELOAD"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(os, "environ", os.environ.copy())
+    monkeypatch.setattr(allocator, "active_allocator", lambda: "system")
+    return calls
+
+
+def test_relaunch_preloads_tcmalloc_once(no_exec, monkeypatch):
+    monkeypatch.setattr(allocator, "find_tcmalloc", lambda: "libtcmalloc_minimal.so.4")
+    monkeypatch.setenv("LD_PRELOAD", "libother.so")
+    allocator.relaunch_with_tcmalloc(["/usr/bin/python3", "script.py", "--flag"])
+    ((path, argv, env),) = no_exec
+    assert (path, argv) == ("/usr/bin/python3", ["/usr/bin/python3", "script.py", "--flag"])
+    assert env["LD_PRELOAD"] == "libtcmalloc_minimal.so.4:libother.so"
+    assert env[allocator.RELAUNCHED] == "1"
+    allocator.relaunch_with_tcmalloc(["/usr/bin/python3", "script.py"])  # the relaunched process: no loop
+    assert len(no_exec) == 1
+
+
+@pytest.mark.parametrize("situation", ["asked for system", "not installed", "already running on it"])
+def test_relaunch_does_nothing_when_it_does_not_apply(no_exec, monkeypatch, situation):
+    monkeypatch.setattr(allocator, "find_tcmalloc", lambda: "libtcmalloc_minimal.so.4")
+    if situation == "asked for system":
+        monkeypatch.setenv("MEDGPT_ALLOCATOR", "system")
+    elif situation == "not installed":
+        monkeypatch.setattr(allocator, "find_tcmalloc", lambda: None)
+    else:
+        monkeypatch.setattr(allocator, "active_allocator", lambda: "tcmalloc")
+    allocator.relaunch_with_tcmalloc(["/usr/bin/python3", "script.py"])
+    assert no_exec == []
+
+
+def test_a_training_script_runs_under_tcmalloc_where_it_is_installed(tiny_model_dir, tmp_path):
+    common = ["--model_name_or_path", tiny_model_dir, "--train_file_dir", os.path.join(REPO, "data", "pretrain"),
+              "--block_size", "64", "--use_peft", "True"]
+    result = run_script("pretraining.py", *common, *tiny_training_flags(tmp_path / "default", steps=1))
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = "memory allocator: tcmalloc" if allocator.find_tcmalloc() else "memory allocator: system malloc; installing"
+    assert expected in result.stderr
+    result = run_script("pretraining.py", *common, *tiny_training_flags(tmp_path / "system", steps=1),
+                        env={"MEDGPT_ALLOCATOR": "system"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "memory allocator: system malloc (MEDGPT_ALLOCATOR=system)" in result.stderr
