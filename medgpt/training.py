@@ -3,6 +3,7 @@
 import logging
 import os
 
+import torch
 from peft import PeftModel
 from transformers import Trainer
 from transformers.trainer_pt_utils import LengthGroupedSampler
@@ -70,6 +71,13 @@ class GroupPairsByLength:
         if lengths is None:
             return super()._get_train_sampler(train_dataset)
         return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps, lengths=lengths)
+
+    def _get_eval_sampler(self, eval_dataset):
+        lengths = pair_lengths(eval_dataset) if self.args.train_sampling_strategy == "group_by_length" else None
+        if lengths is None:
+            return super()._get_eval_sampler(eval_dataset)
+        return LengthGroupedSampler(self.args.eval_batch_size, lengths=lengths,
+                                    generator=torch.Generator().manual_seed(self.args.seed))
 
 
 def finish_training(trainer, tokenizer, training_args, evaluate: bool = False) -> dict:

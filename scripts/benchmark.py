@@ -1,12 +1,14 @@
 """Measure the toolkit on this machine and write the figures to docs/benchmarks.md.
 
-    python scripts/benchmark.py [--steps 20] [--stage_steps 10] [--skip_sft] [--skip_stages] [--skip_pipeline]
+    python scripts/benchmark.py [--steps 12] [--repeats 2] [--stage_steps 10] [--device cpu|cuda]
+                                [--skip_sft] [--skip_stages] [--skip_pipeline]
 
-For the default model (SmolLM2-135M-Instruct, LoRA r=8 on all linear layers) it runs SFT on the sample
-data with and without padding-free packing and records non-padding tokens per second and the peak
-resident memory of the training process; then a few steps of each alignment stage (RM, DPO, ORPO, GRPO,
-PPO) with their throughput; then times the whole demo pipeline. Not a test: figures depend
-on the machine, so they are written down with the date and the machine they were taken on.
+For the default model (SmolLM2-135M-Instruct, LoRA r=8 on all linear layers) it runs SFT and DPO through
+their run scripts at the scripts' defaults and "naive" (the way reference scripts train), interleaved,
+plus a bare PyTorch loop over the default SFT run's batches as the ceiling; it records non-padding tokens
+per second and the peak resident memory of each run. Then a few steps of the other alignment stages (RM,
+ORPO, GRPO, PPO), then the whole demo pipeline. Not a test: figures depend on the machine, so they are
+written down with the date, the machine and the command.
 """
 
 import argparse
@@ -44,28 +46,108 @@ def run_measured(command: list[str], env: dict | None = None) -> tuple[float, fl
     return time.time() - started, peak / 2**30
 
 
-def sft_run(name: str, steps: int, extra: list[str]) -> dict:
-    output_dir = os.path.join(REPO, "outputs", "benchmark", name.replace(" ", "_").replace(",", ""))
-    command = [
-        sys.executable, "supervised_finetuning.py", "--model_name_or_path", DEFAULT_MODEL_DIR,
-        "--template_name", "chatml", "--train_file_dir", "data/finetune", "--model_max_length", "512",
-        "--use_peft", "True", "--target_modules", "all", "--lora_rank", "8", "--lora_dropout", "0",
-        "--per_device_train_batch_size", "4", "--max_steps", str(steps), "--logging_steps", "5",
-        "--save_strategy", "no", "--report_to", "none", "--output_dir", output_dir, *extra,
-    ]
-    wall, peak = run_measured(command)
-    with open(os.path.join(output_dir, "trainer_state.json"), encoding="utf-8") as handle:
-        state = json.load(handle)
-    with open(os.path.join(output_dir, "all_results.json"), encoding="utf-8") as handle:
-        results = json.load(handle)
-    return {
-        "run": name,
-        "steps": state["global_step"],
-        "tokens": state["num_input_tokens_seen"],
-        "tokens_per_s": results["train_tokens_per_second"],
-        "peak_rss_gib": round(peak, 2),
-        "wall_s": round(wall, 1),
-    }
+# The way reference scripts train: random order, each batch of 4 padded to its longest row, fp32, LoRA
+# dropout 0.05, glibc's malloc. Given after the run script's own flags, they override them.
+NAIVE_FLAGS = ["--train_sampling_strategy", "random", "--lora_dropout", "0.05", "--bf16", "False", "--fp16", "False"]
+NAIVE_ENV = {"MEDGPT_ALLOCATOR": "system", "MICRO_BATCH_SIZE": "4"}
+
+
+def stage_script_run(name: str, script: str, steps: int, naive: bool) -> dict:
+    """One run of scripts/run_sft.sh or run_dpo.sh from the default model, at its defaults or naive."""
+    output_dir = os.path.join(REPO, "outputs", "benchmark", name.split(",")[0].replace(" ", "_"))
+    env = {"MODEL": DEFAULT_MODEL_DIR, "OUTPUT_DIR": output_dir, "MAX_STEPS": str(steps), "PYTHON": sys.executable,
+           "BATCH_SIZE": "4", **(NAIVE_ENV if naive else {})}
+    wall, peak = run_measured(["bash", script, "--report_to", "none",
+                               *(NAIVE_FLAGS if naive else [])], env)
+    results = read_json(os.path.join(output_dir, "all_results.json"))
+    return {"run": name, "tokens_per_s": results["train_tokens_per_second"], "tokens": results["train_tokens"],
+            "peak_rss_gib": round(peak, 2), "wall_s": round(wall, 1)}
+
+
+def bare_loop(steps: int, result_path: str) -> None:
+    """The ceiling for SFT: forward, backward and AdamW over the default run's batches (the same rows,
+    grouped by length, 2 rows x 2 accumulated, the machine's default precision) and nothing else."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    from medgpt.arguments import default_precision
+    from medgpt.chat import ChatFormat
+    from medgpt.data import DataReport, load_records
+    from medgpt.encoding import encode_conversations
+    from medgpt.modeling import open_tokenizer
+
+    tokenizer = open_tokenizer(DEFAULT_MODEL_DIR)
+    report = DataReport("train")
+    records = load_records(os.path.join(REPO, "data", "finetune"), "conversation", report, False)
+    rows = encode_conversations(records, ChatFormat.for_model("chatml", tokenizer), tokenizer, 512, False, report, False)
+    torch.manual_seed(42)
+    order = list(LengthGroupedSampler(4, lengths=[len(row["input_ids"]) for row in rows]))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL_DIR, dtype=torch.float32).to(device)
+    model.config.use_cache = False
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0,
+                                             task_type="CAUSAL_LM"))
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    bf16 = default_precision()[0] == "bf16"
+
+    def padded(indices: list[int]) -> dict:
+        longest = max(len(rows[i]["input_ids"]) for i in indices)
+        batch = {"input_ids": [], "attention_mask": [], "labels": []}
+        for i in indices:
+            row, pad = rows[i], longest - len(rows[i]["input_ids"])
+            batch["input_ids"].append(row["input_ids"] + [tokenizer.pad_token_id] * pad)
+            batch["attention_mask"].append([1] * len(row["input_ids"]) + [0] * pad)
+            batch["labels"].append(row["labels"] + [-100] * pad)
+        return {key: torch.tensor(value, device=device) for key, value in batch.items()}
+
+    tokens, started = 0, time.perf_counter()
+    for step in range(steps):
+        for micro in range(2):
+            first = (step * 4 + micro * 2) % len(order)
+            batch = padded(order[first:first + 2])
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+                loss = model(**batch).loss / 2
+            loss.backward()
+            tokens += int(batch["attention_mask"].sum())
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    elapsed = time.perf_counter() - started
+    with open(result_path, "w", encoding="utf-8") as handle:
+        json.dump({"tokens": tokens, "tokens_per_s": round(tokens / elapsed, 1)}, handle)
+
+
+def bare_loop_run(steps: int) -> dict:
+    """bare_loop in a process of its own, under the same allocator as the default run."""
+    from medgpt.allocator import find_tcmalloc
+
+    result_path = os.path.join(REPO, "outputs", "benchmark", "bare_loop.json")
+    os.makedirs(os.path.dirname(result_path), exist_ok=True)
+    library = find_tcmalloc()
+    wall, peak = run_measured([sys.executable, os.path.abspath(__file__), "--bare_loop", result_path, "--steps", str(steps)],
+                              {"LD_PRELOAD": library} if library else {})
+    return {"run": "bare PyTorch loop, same batches", **read_json(result_path), "peak_rss_gib": round(peak, 2),
+            "wall_s": round(wall, 1)}
+
+
+def interleaved(runs: dict, repeats: int) -> dict:
+    """Each run `repeats` times, alternating A B A B, so that the machine slowing down or speeding up
+    during the benchmark weighs on every run alike."""
+    results = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            results[name].append(run())
+    return results
+
+
+def summary_row(name: str, results: list[dict]) -> dict:
+    """Mean tokens/s over the repeats (each one listed), the highest peak memory."""
+    rates = [r["tokens_per_s"] for r in results]
+    return {"run": name, "tokens_per_s": round(sum(rates) / len(rates), 1), "each": " / ".join(map(str, rates)),
+            "peak_rss_gib": max(r["peak_rss_gib"] for r in results), "tokens": results[0]["tokens"],
+            "wall_s": round(sum(r["wall_s"] for r in results) / len(results), 1)}
 
 
 def read_json(path: str) -> dict:
@@ -86,7 +168,6 @@ def stage_runs(steps: int) -> list[dict]:
     rows = []
     for name, script, extra, unit in [
         ("reward modeling", "reward_modeling.py", pairs, "pairs"),
-        ("DPO", "dpo_training.py", pairs, "pairs"),
         ("ORPO", "orpo_training.py", pairs, "pairs"),
         ("GRPO (4 answers x 2 questions per step, 64 new tokens)", "grpo_training.py",
          ["--train_file_dir", "data/grpo", "--num_generations", "4", "--max_completion_length", "64",
@@ -131,53 +212,88 @@ def cpu_model() -> str:
     return f"{name} ({'with ' + ' and '.join(units) if units else 'without AVX-512 BF16 or AMX'})"
 
 
+def table(header: str, rows: list[dict]) -> list[str]:
+    lines = [header, "|---|---|---|---|---|---|"]
+    lines += [f"| {r['run']} | {r['tokens_per_s']} | {r.get('each', r['tokens_per_s'])} | {r['peak_rss_gib']} | "
+              f"{r['tokens']} | {r['wall_s']} |" for r in rows]
+    return lines
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=20, help="SFT steps per measured run")
-    parser.add_argument("--stage_steps", type=int, default=10, help="steps per alignment stage run")
-    parser.add_argument("--skip_sft", action="store_true", help="do not measure SFT")
-    parser.add_argument("--skip_stages", action="store_true", help="do not measure the alignment stages")
+    parser.add_argument("--steps", type=int, default=12, help="optimizer steps per SFT and DPO run (4 rows each)")
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each SFT/DPO setting, interleaved")
+    parser.add_argument("--stage_steps", type=int, default=10, help="steps per run of the other alignment stages")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                        help="where to train (default: cuda where a GPU is visible, else cpu)")
+    parser.add_argument("--skip_sft", action="store_true", help="do not measure SFT and DPO")
+    parser.add_argument("--skip_stages", action="store_true", help="do not measure RM, ORPO, GRPO and PPO")
     parser.add_argument("--skip_pipeline", action="store_true", help="do not time scripts/run_pipeline.sh")
+    parser.add_argument("--bare_loop", metavar="RESULT_JSON", help=argparse.SUPPRESS)  # the ceiling's own process
     args = parser.parse_args()
+    if args.bare_loop:
+        return bare_loop(args.steps, args.bare_loop)
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda, but no GPU is visible")
+    if device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
     prepare_default_model(DEFAULT_MODEL_DIR)
 
-    rows = [] if args.skip_sft else [
-        # fp32 spelled out: where the CPU computes bf16 natively, bf16 autocast is the default
-        sft_run("padded batches, random order", args.steps, ["--bf16", "False"]),
-        sft_run("padded batches, grouped by length", args.steps, ["--train_sampling_strategy", "group_by_length", "--bf16", "False"]),
-        sft_run("padding-free packing", args.steps, ["--packing", "True", "--bf16", "False"]),
-        sft_run("grouped by length, bf16 autocast", args.steps, ["--train_sampling_strategy", "group_by_length", "--bf16", "True"]),
-    ]
-    stages = [] if args.skip_stages else stage_runs(args.stage_steps)
-    pipeline_s = None
-    if not args.skip_pipeline:
-        pipeline_s, pipeline_peak = run_measured(
-            ["bash", "scripts/run_pipeline.sh"], {"OUT": "outputs/benchmark/pipeline", "PYTHON": sys.executable}
-        )
-
-    machine = (f"{platform.machine()} {cpu_model()}, {psutil.cpu_count()} CPU cores, "
-               f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM, no GPU")
-    lines = [f"\n## {datetime.date.today().isoformat()} — {machine}, torch {__import__('torch').__version__}\n"]
-    if rows:
+    lines = []
+    if not args.skip_sft:
+        sft = interleaved({
+            "naive": lambda: stage_script_run("SFT naive", "scripts/run_sft.sh", args.steps, naive=True),
+            "default": lambda: stage_script_run("SFT default", "scripts/run_sft.sh", args.steps, naive=False),
+            "bare": lambda: bare_loop_run(args.steps),
+            "dpo naive": lambda: stage_script_run("DPO naive", "scripts/run_dpo.sh", args.steps, naive=True),
+            "dpo default": lambda: stage_script_run("DPO default", "scripts/run_dpo.sh", args.steps, naive=False),
+        }, args.repeats)
+        rows = {name: summary_row(name, results) for name, results in sft.items()}
+        naive, default, bare = rows["naive"], rows["default"], rows["bare"]
+        dpo_naive, dpo_default = rows["dpo naive"], rows["dpo default"]
+        naive["run"] = "naive: random order, batch 4 padded to its longest row, fp32, LoRA dropout 0.05, glibc malloc"
+        default["run"] = "default (`scripts/run_sft.sh`): grouped by length, 2 rows x 2 accumulated, tcmalloc"
+        bare["run"] = "bare PyTorch loop on the default run's batches (forward, backward, AdamW)"
+        dpo_naive["run"] = "DPO naive: random order, batch 4 pairs, fp32, LoRA dropout 0.05, glibc malloc"
+        dpo_default["run"] = "DPO default (`scripts/run_dpo.sh`): grouped by length, 2 pairs x 2 accumulated, tcmalloc"
         lines += [
-            "SFT on data/finetune, SmolLM2-135M-Instruct, LoRA r=8 on all linear layers, batch 4, max length 512, "
-            f"fp32 unless noted, {args.steps} steps:\n",
-            "| run | tokens/s (non-padding) | peak RSS (GiB) | tokens | wall (s) |",
-            "|---|---|---|---|---|",
+            f"SFT on data/finetune (`scripts/run_sft.sh`, max length 512) and DPO on data/reward (`scripts/run_dpo.sh`, "
+            f"max length 384), from SmolLM2-135M-Instruct, LoRA r=8 on all linear layers, 4 rows (pairs) per step, "
+            f"{args.steps} steps a run, {args.repeats} runs of each, interleaved; precision: the machine's default "
+            "unless noted; tokens are non-padding tokens (DPO: both answers and their prompt):\n",
+            *table("| run | tokens/s (mean) | each run | peak RSS (GiB) | tokens | wall (s) |",
+                   [naive, default, bare, dpo_naive, dpo_default]),
+            "",
+            f"- default / naive SFT: {default['tokens_per_s'] / naive['tokens_per_s']:.2f}x",
+            f"- default SFT / bare loop: {100 * default['tokens_per_s'] / bare['tokens_per_s']:.0f}%",
+            f"- default DPO / default SFT: {100 * dpo_default['tokens_per_s'] / default['tokens_per_s']:.0f}%; "
+            f"default / naive DPO: {dpo_default['tokens_per_s'] / dpo_naive['tokens_per_s']:.2f}x",
         ]
-    lines += [f"| {r['run']} | {r['tokens_per_s']} | {r['peak_rss_gib']} | {r['tokens']} | {r['wall_s']} |" for r in rows]
-    if stages:
+    if not args.skip_stages:
+        stages = stage_runs(args.stage_steps)
         lines += [
-            f"\nAlignment stages from the same model, LoRA r=8, fp32, {args.stage_steps} steps each "
+            f"\nThe other stages from the same model, LoRA r=8, fp32, {args.stage_steps} steps each "
             f"({max(1, args.stage_steps // 2)} PPO iterations); pairs: batch 4, max length 384:\n",
             "| stage | samples/s | tokens/s | peak RSS (GiB) | wall (s) |",
             "|---|---|---|---|---|",
         ]
         lines += [f"| {r['run']} | {r['rate']} | {r['tokens_per_s']} | {r['peak_rss_gib']} | {r['wall_s']} |" for r in stages]
-    if pipeline_s is not None:
+    if not args.skip_pipeline:
+        pipeline_s, pipeline_peak = run_measured(
+            ["bash", "scripts/run_pipeline.sh"], {"OUT": "outputs/benchmark/pipeline", "PYTHON": sys.executable}
+        )
         lines.append(f"\nDemo pipeline (`bash scripts/run_pipeline.sh`, model already prepared): {pipeline_s:.0f} s wall, "
                      f"peak RSS {pipeline_peak:.2f} GiB.")
-    text = "\n".join(lines) + "\n"
+
+    gpu = torch.cuda.get_device_name(0) if device == "cuda" else "no GPU used"
+    machine = (f"{platform.machine()} {cpu_model()}, {psutil.cpu_count()} CPU cores, "
+               f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM, {gpu}")
+    command = " ".join(["python", "scripts/benchmark.py", *sys.argv[1:]])
+    text = "\n".join([f"\n## {datetime.date.today().isoformat()} — {machine}, torch {torch.__version__}\n",
+                      f"`{command}`\n", *lines]) + "\n"
     print(text)
     path = os.path.join(REPO, "docs", "benchmarks.md")
     if not os.path.exists(path):

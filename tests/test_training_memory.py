@@ -112,7 +112,7 @@ def test_micro_batches_train_like_the_whole_batch(tiny_model_dir, tmp_path):
             curves.append([entry["loss"] for entry in json.load(handle)["log_history"] if "loss" in entry])
     assert len(curves[0]) == 3
     assert curves[1][0] == pytest.approx(curves[0][0], rel=1e-6)  # the same loss before any update
-    # After updates, 1e-4: the micro-batches sum their gradients in another order, and Adam's first steps
+    # After updates to 1e-3 only: the micro-batches sum their gradients in another order, and Adam's first steps
     # (about lr x sign) turn float noise in near-zero gradients into whole steps.
     assert curves[1] == pytest.approx(curves[0], rel=1e-3)
 
@@ -130,6 +130,9 @@ def test_pair_lengths_read_each_preference_layout():
 class PlainSampling:
     def _get_train_sampler(self, train_dataset=None):
         return "the trainer's own sampler"
+
+    def _get_eval_sampler(self, eval_dataset):
+        return "the trainer's own evaluation sampler"
 
 
 class Args:
@@ -154,9 +157,14 @@ def test_grouped_pairs_pad_less_than_random_order():
 
     random_order = torch.randperm(64, generator=generator).tolist()
     assert padding(order) < padding(random_order) / 3
+    trainer.args.eval_batch_size, trainer.args.seed = 4, 0
+    evaluation_order = list(trainer._get_eval_sampler(trainer.train_dataset))
+    assert sorted(evaluation_order) == list(range(64))
+    assert padding(evaluation_order) < padding(random_order) / 3
 
     trainer.args.train_sampling_strategy = "random"
     assert trainer._get_train_sampler() == "the trainer's own sampler"
+    assert trainer._get_eval_sampler(trainer.train_dataset) == "the trainer's own evaluation sampler"
 
 
 def test_the_batch_settings_of_the_run_scripts():
