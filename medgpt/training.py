@@ -9,26 +9,28 @@ from transformers import Trainer
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from trl.trainer.utils import add_fused_lm_head
 
+from medgpt.cpu_logprobs import use_frozen_head_logprobs
 from medgpt.modeling import save_model_and_tokenizer
 
 logger = logging.getLogger(__name__)
 
-# TRL's fused LM head (SFT, DPO, GRPO, and PT through FusedLossTrainer) computes the loss from tiles of
-# TOKEN_CHUNK_SIZE tokens x _CHUNKED_LOGPROB_CHUNK_SIZE vocabulary entries and never holds the whole
-# (batch, length, vocabulary) logits. Its tiles (4096 x 32768) suit GPUs, where a tile is one kernel;
-# on CPU each is several eager tensors of that size. Smaller ones took SFT on the default model from
-# 3.41 to 2.63 GiB peak at the same speed (249 tokens/s).
+# TRL's fused LM head (SFT, DPO, GRPO, and PT through FusedLossTrainer) never holds the whole (batch,
+# length, vocabulary) logits. On CPU its log-probabilities come from medgpt.cpu_logprobs where the head is
+# frozen; elsewhere TRL folds tiles of TOKEN_CHUNK_SIZE tokens x _CHUNKED_LOGPROB_CHUNK_SIZE vocabulary
+# entries, sized for GPUs (4096 x 32768), where a tile is one kernel. On CPU each tile is several eager
+# tensors of that size: smaller ones took SFT on the default model from 3.41 to 2.63 GiB peak.
 CPU_FUSED_HEAD_TILE = (1024, 8192)
 
 
-def size_fused_head_tiles(device_type: str) -> None:
-    """Use CPU-sized tiles in TRL's fused LM head when training on a CPU."""
+def prepare_fused_head(device_type: str) -> None:
+    """The CPU's way through TRL's fused LM head: our log-probabilities for frozen heads, CPU-sized tiles."""
     if device_type != "cpu":
         return
     import trl.kernels.chunked_logprob as chunked_logprob
     import trl.trainer.utils as trl_utils
 
     chunked_logprob.TOKEN_CHUNK_SIZE, trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = CPU_FUSED_HEAD_TILE
+    use_frozen_head_logprobs()
 
 
 class FusedLossTrainer(Trainer):
@@ -105,7 +107,7 @@ def train_on_rows(trainer_class, model, tokenizer, training_args, train_rows: li
     """Build a (TRL or transformers) trainer over prepared rows, train it and save: every stage's ending."""
     from datasets import Dataset
 
-    size_fused_head_tiles(training_args.device.type)
+    prepare_fused_head(training_args.device.type)
     trainer = trainer_class(
         model=model,
         args=training_args,

@@ -14,19 +14,24 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 from trl.trainer.utils import add_fused_lm_head
 
 from conftest import REPO, run_script, tiny_training_flags
-from medgpt import allocator
+from medgpt import allocator, cpu_logprobs
 from medgpt.training import FusedLossTrainer, GroupPairsByLength, pair_lengths
 
 
-@pytest.fixture
-def small_tiles(monkeypatch):
-    """Tiles far smaller than the batch, and a vocabulary tile that does not divide the vocabulary, so
-    that every edge of the tiling is crossed."""
+@pytest.fixture(params=["TRL's tiles", "frozen-head log-probabilities"])
+def small_tiles(request, monkeypatch):
+    """Both CPU paths through the fused LM head, with tiles and chunks far smaller than the batch (and a
+    vocabulary tile that does not divide the vocabulary), so that every edge of the tiling is crossed."""
     import trl.kernels.chunked_logprob as chunked_logprob
     import trl.trainer.utils as trl_utils
 
     monkeypatch.setattr(chunked_logprob, "TOKEN_CHUNK_SIZE", 16)
     monkeypatch.setattr(trl_utils, "_CHUNKED_LOGPROB_CHUNK_SIZE", 5000)
+    monkeypatch.setattr(cpu_logprobs, "TOKEN_CHUNK", 16)
+    monkeypatch.setattr(trl_utils, "_ChunkedLogProbFunction", trl_utils._ChunkedLogProbFunction)  # restored after
+    if request.param == "frozen-head log-probabilities":
+        cpu_logprobs.use_frozen_head_logprobs()
+    return request.param
 
 
 def lora_model(model_dir: str):
@@ -70,6 +75,33 @@ def test_the_fused_loss_equals_the_plain_loss_and_its_gradients(tiny_model_dir, 
     for name, gradient in plain_grads.items():
         assert gradient.abs().max() > 0, name
         torch.testing.assert_close(fused_grads[name], gradient, rtol=1e-5, atol=1e-5 * gradient.abs().max().item())
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_frozen_head_log_probabilities_match_trl_for_any_upstream_gradient(autocast):
+    """DPO and GRPO weight each token's log-probability differently and may use the entropy: the values
+    and the hidden states' gradient must match TRL's function for any such weighting."""
+    from trl.kernels import ChunkedLogProbFunction
+
+    torch.manual_seed(0)
+    hidden = torch.randn(300, 48, requires_grad=True)
+    weight, targets = torch.randn(1003, 48) * 0.3, torch.randint(0, 1003, (300,))
+    logprob_weights, entropy_weights = torch.randn(300), torch.randn(300)
+    fields = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+    results = []
+    for function in (ChunkedLogProbFunction, cpu_logprobs.FrozenHeadLogProbs):
+        hidden.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            outputs = function.apply(hidden, weight, None, targets, 1.0, 256, None, 1.0, fields)
+        ((outputs[0] * logprob_weights).sum() + (outputs[1] * entropy_weights).sum()).backward()
+        results.append([value.detach() for value in outputs] + [hidden.grad.clone()])
+    for name, theirs, ours in zip(fields + ("gradient",), *results):
+        if theirs.dtype == torch.bool:
+            assert torch.equal(theirs, ours), name
+        elif name != "gradient" or not autocast:
+            torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5 * theirs.abs().max().item(), msg=name)
+        else:  # bf16 products, as the plain loss under autocast; TRL accumulates this one in fp32
+            torch.testing.assert_close(ours, theirs, rtol=0.02, atol=0.02 * theirs.abs().max().item(), msg=name)
 
 
 def train_three_steps(trainer_class, model_dir: str, blocks: list[dict], output_dir) -> list[float]:
