@@ -12,7 +12,8 @@ answer), format (<think>/<answer> tags), length, model (a reward model folder), 
 
 from medgpt.allocator import relaunch_with_tcmalloc
 
-relaunch_with_tcmalloc()  # first, before anything allocates (see medgpt/allocator.py)
+if __name__ == "__main__":  # not when imported (tests call main() in their own process)
+    relaunch_with_tcmalloc()  # first, before anything allocates (see medgpt/allocator.py)
 
 import importlib.util
 

@@ -252,6 +252,16 @@ def test_relaunch_does_nothing_when_it_does_not_apply(no_exec, monkeypatch, situ
     assert no_exec == []
 
 
+@pytest.mark.parametrize("script", ["pretraining.py", "supervised_finetuning.py", "dpo_training.py"])
+def test_a_training_script_imported_in_process_does_not_relaunch(no_exec, monkeypatch, script):
+    import runpy
+
+    monkeypatch.setattr(allocator, "find_tcmalloc", lambda: "libtcmalloc_minimal.so.4")
+    namespace = runpy.run_path(os.path.join(REPO, script), run_name="imported")
+    assert callable(namespace["main"])
+    assert no_exec == []
+
+
 def test_a_training_script_runs_under_tcmalloc_where_it_is_installed(tiny_model_dir, tmp_path):
     common = ["--model_name_or_path", tiny_model_dir, "--train_file_dir", os.path.join(REPO, "data", "pretrain"),
               "--block_size", "64", "--use_peft", "True"]
