@@ -12,8 +12,7 @@ accepted (e.g. --loss_type sigmoid ipo, --label_smoothing); unknown flags are er
 
 from medgpt.allocator import relaunch_with_tcmalloc
 
-if __name__ == "__main__":  # not when imported (tests call main() in their own process)
-    relaunch_with_tcmalloc()  # first, before anything allocates (see medgpt/allocator.py)
+relaunch_with_tcmalloc(__name__)  # first, before anything allocates (see medgpt/allocator.py)
 
 from trl import DPOConfig, DPOTrainer
 

@@ -12,8 +12,7 @@ answer), format (<think>/<answer> tags), length, model (a reward model folder), 
 
 from medgpt.allocator import relaunch_with_tcmalloc
 
-if __name__ == "__main__":  # not when imported (tests call main() in their own process)
-    relaunch_with_tcmalloc()  # first, before anything allocates (see medgpt/allocator.py)
+relaunch_with_tcmalloc(__name__)  # first, before anything allocates (see medgpt/allocator.py)
 
 import importlib.util
 

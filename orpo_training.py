@@ -9,8 +9,7 @@ Uses TRL's ORPOTrainer (trl.experimental.orpo), fed with pairs rendered by our t
 
 from medgpt.allocator import relaunch_with_tcmalloc
 
-if __name__ == "__main__":  # not when imported (tests call main() in their own process)
-    relaunch_with_tcmalloc()  # first, before anything allocates (see medgpt/allocator.py)
+relaunch_with_tcmalloc(__name__)  # first, before anything allocates (see medgpt/allocator.py)
 
 import os
 from dataclasses import dataclass, field

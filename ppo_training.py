@@ -15,8 +15,7 @@ loss, clip fraction and approximate KL (ppo_log.jsonl, trainer_state.json, Tenso
 
 from medgpt.allocator import relaunch_with_tcmalloc
 
-if __name__ == "__main__":  # not when imported (tests call main() in their own process)
-    relaunch_with_tcmalloc()  # first, before anything allocates (see medgpt/allocator.py)
+relaunch_with_tcmalloc(__name__)  # first, before anything allocates (see medgpt/allocator.py)
 
 import torch
 

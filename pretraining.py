@@ -9,8 +9,7 @@ Documents are joined with the tokenizer's end-of-text token between them and cut
 
 from medgpt.allocator import relaunch_with_tcmalloc
 
-if __name__ == "__main__":  # not when imported (tests call main() in their own process)
-    relaunch_with_tcmalloc()  # first, before anything allocates (see medgpt/allocator.py)
+relaunch_with_tcmalloc(__name__)  # first, before anything allocates (see medgpt/allocator.py)
 
 from dataclasses import dataclass, field
 

@@ -6,9 +6,9 @@ from fresh mmap pages that the kernel must fault in and zero on every step (a fi
 system time). tcmalloc reuses freed spans without either cost: measured on the default model, one SFT
 step went from 8.3 to 7.0 s, system time from 7.9 to 2.9 s, peak memory from 6.8 to 4.1 GiB.
 
-The library has to be in place before the process allocates anything, so a training script run as a
-program calls relaunch_with_tcmalloc() before its other imports (not when imported: tests call main() in
-their own process); it re-executes the script once with LD_PRELOAD set. MEDGPT_ALLOCATOR=system keeps
+The library has to be in place before the process allocates anything, so a training script calls
+relaunch_with_tcmalloc(__name__) before its other imports; run as a program (not when imported: tests call
+main() in their own process), it re-executes once with LD_PRELOAD set. MEDGPT_ALLOCATOR=system keeps
 glibc's malloc. Nothing happens where the library is missing (Debian/Ubuntu: libtcmalloc-minimal4).
 """
 
@@ -52,8 +52,11 @@ def describe_allocator() -> str:
             "makes training faster and smaller")
 
 
-def relaunch_with_tcmalloc(argv: list[str] | None = None) -> None:
-    """Replace this process by the same command with tcmalloc preloaded, when that applies."""
+def relaunch_with_tcmalloc(module_name: str, argv: list[str] | None = None) -> None:
+    """Replace this process by the same command with tcmalloc preloaded, when that applies: the calling
+    module (`module_name`, its __name__) is the program being run, not an import."""
+    if module_name != "__main__":
+        return
     if os.environ.get("MEDGPT_ALLOCATOR") == "system" or os.environ.get(RELAUNCHED):
         return
     if not sys.platform.startswith("linux") or active_allocator() == "tcmalloc":

@@ -163,9 +163,8 @@ def describe_precision(training_args) -> str:
 
 
 def hardware_defaults(parser: HfArgumentParser) -> dict:
-    """Defaults that depend on the machine (bf16 autocast on GPUs that support it, fp16 on other GPUs, fp32
-    on CPUs) and the same for every stage: TensorBoard logs, token counts, no gradient checkpointing unless
-    asked."""
+    """Defaults that depend on the machine (the precision of default_precision) and the same for every
+    stage: TensorBoard logs, token counts, no gradient checkpointing unless asked."""
     known = {action.dest for action in parser._actions}
     precision, _ = default_precision()
     defaults = {

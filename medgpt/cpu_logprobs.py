@@ -65,7 +65,7 @@ class FrozenHeadLogProbs(torch.autograd.Function):
                     probs[torch.arange(end - start), targets[start:end]] -= 1
                     jacobian[start:end] = -(probs.to(compute_dtype) @ head).float()
                 del logits, probs
-        ctx.save_for_backward(hidden, weight, targets, jacobian)
+        ctx.save_for_backward(hidden, weight, jacobian)  # hidden and weight: for an entropy gradient only
         ctx.compute_dtype = compute_dtype
         results = {name: torch.cat(values) for name, values in extra.items()}
         for name in ("log_sum_sq_probs", "mean_logits", "is_top1"):
@@ -76,7 +76,7 @@ class FrozenHeadLogProbs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logprobs, grad_entropy, *_):
-        hidden, weight, targets, jacobian = ctx.saved_tensors
+        hidden, weight, jacobian = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return (None,) * 9
         grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32)
@@ -97,22 +97,26 @@ class FrozenHeadLogProbs(torch.autograd.Function):
         return (grad_hidden.to(hidden.dtype),) + (None,) * 8
 
 
+class ChunkedLogProbs:
+    """What TRL's fused LM head calls in place of its _ChunkedLogProbFunction: FrozenHeadLogProbs where it
+    applies (CPU, frozen head, no bias, plain logits), TRL's own function elsewhere."""
+
+    trl_function = None  # set by use_frozen_head_logprobs
+
+    @staticmethod
+    def apply(hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping=None,
+              logit_scale=1.0, outputs=("log_probs",)):
+        applies = (hidden.device.type == "cpu" and not weight.requires_grad and bias is None
+                   and temperature == 1.0 and final_logit_softcapping is None and logit_scale == 1.0)
+        function = FrozenHeadLogProbs if applies else ChunkedLogProbs.trl_function
+        return function.apply(hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping,
+                              logit_scale, outputs)
+
+
 def use_frozen_head_logprobs() -> None:
-    """Route TRL's fused LM head through FrozenHeadLogProbs where it applies (CPU, frozen head, no bias,
-    plain logits), and through TRL's own function elsewhere."""
+    """Route TRL's fused LM head through ChunkedLogProbs (once; TRL's function is kept for the rest)."""
     import trl.trainer.utils as trl_utils
 
-    trl_function = getattr(trl_utils._ChunkedLogProbFunction, "trl_function", trl_utils._ChunkedLogProbFunction)
-
-    class ChunkedLogProbs:
-        @staticmethod
-        def apply(hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping=None,
-                  logit_scale=1.0, outputs=("log_probs",)):
-            applies = (hidden.device.type == "cpu" and not weight.requires_grad and bias is None
-                       and temperature == 1.0 and final_logit_softcapping is None and logit_scale == 1.0)
-            function = FrozenHeadLogProbs if applies else trl_function
-            return function.apply(hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping,
-                                  logit_scale, outputs)
-
-    ChunkedLogProbs.trl_function = trl_function
-    trl_utils._ChunkedLogProbFunction = ChunkedLogProbs
+    if trl_utils._ChunkedLogProbFunction is not ChunkedLogProbs:
+        ChunkedLogProbs.trl_function = trl_utils._ChunkedLogProbFunction
+        trl_utils._ChunkedLogProbFunction = ChunkedLogProbs

@@ -75,7 +75,8 @@ def bare_loop(steps: int, result_path: str) -> None:
     from medgpt.arguments import default_precision
     from medgpt.chat import ChatFormat
     from medgpt.data import DataReport, load_records
-    from medgpt.encoding import encode_conversations
+    from medgpt.encoding import IGNORE_INDEX, encode_conversations
+    from medgpt.evaluation import right_padded
     from medgpt.modeling import open_tokenizer
 
     tokenizer = open_tokenizer(DEFAULT_MODEL_DIR)
@@ -94,14 +95,9 @@ def bare_loop(steps: int, result_path: str) -> None:
     bf16 = default_precision()[0] == "bf16"
 
     def padded(indices: list[int]) -> dict:
-        longest = max(len(rows[i]["input_ids"]) for i in indices)
-        batch = {"input_ids": [], "attention_mask": [], "labels": []}
-        for i in indices:
-            row, pad = rows[i], longest - len(rows[i]["input_ids"])
-            batch["input_ids"].append(row["input_ids"] + [tokenizer.pad_token_id] * pad)
-            batch["attention_mask"].append([1] * len(row["input_ids"]) + [0] * pad)
-            batch["labels"].append(row["labels"] + [-100] * pad)
-        return {key: torch.tensor(value, device=device) for key, value in batch.items()}
+        input_ids, attention_mask = right_padded([rows[i]["input_ids"] for i in indices], tokenizer.pad_token_id, device)
+        labels, _ = right_padded([rows[i]["labels"] for i in indices], IGNORE_INDEX, device)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
     tokens, started = 0, time.perf_counter()
     for step in range(steps):
@@ -120,14 +116,10 @@ def bare_loop(steps: int, result_path: str) -> None:
 
 
 def bare_loop_run(steps: int) -> dict:
-    """bare_loop in a process of its own, under the same allocator as the default run."""
-    from medgpt.allocator import find_tcmalloc
-
+    """bare_loop in a process of its own (which moves to tcmalloc, as the training scripts do)."""
     result_path = os.path.join(REPO, "outputs", "benchmark", "bare_loop.json")
     os.makedirs(os.path.dirname(result_path), exist_ok=True)
-    library = find_tcmalloc()
-    wall, peak = run_measured([sys.executable, os.path.abspath(__file__), "--bare_loop", result_path, "--steps", str(steps)],
-                              {"LD_PRELOAD": library} if library else {})
+    wall, peak = run_measured([sys.executable, os.path.abspath(__file__), "--bare_loop", result_path, "--steps", str(steps)])
     return {"run": "bare PyTorch loop, same batches", **read_json(result_path), "peak_rss_gib": round(peak, 2),
             "wall_s": round(wall, 1)}
 
@@ -232,6 +224,9 @@ def main():
     parser.add_argument("--bare_loop", metavar="RESULT_JSON", help=argparse.SUPPRESS)  # the ceiling's own process
     args = parser.parse_args()
     if args.bare_loop:
+        from medgpt.allocator import relaunch_with_tcmalloc
+
+        relaunch_with_tcmalloc(__name__)  # the same allocator as the default run
         return bare_loop(args.steps, args.bare_loop)
     import torch
 

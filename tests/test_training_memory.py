@@ -230,12 +230,12 @@ def no_exec(monkeypatch):
 def test_relaunch_preloads_tcmalloc_once(no_exec, monkeypatch):
     monkeypatch.setattr(allocator, "find_tcmalloc", lambda: "libtcmalloc_minimal.so.4")
     monkeypatch.setenv("LD_PRELOAD", "libother.so")
-    allocator.relaunch_with_tcmalloc(["/usr/bin/python3", "script.py", "--flag"])
+    allocator.relaunch_with_tcmalloc("__main__", ["/usr/bin/python3", "script.py", "--flag"])
     ((path, argv, env),) = no_exec
     assert (path, argv) == ("/usr/bin/python3", ["/usr/bin/python3", "script.py", "--flag"])
     assert env["LD_PRELOAD"] == "libtcmalloc_minimal.so.4:libother.so"
     assert env[allocator.RELAUNCHED] == "1"
-    allocator.relaunch_with_tcmalloc(["/usr/bin/python3", "script.py"])  # the relaunched process: no loop
+    allocator.relaunch_with_tcmalloc("__main__", ["/usr/bin/python3", "script.py"])  # the relaunched process: no loop
     assert len(no_exec) == 1
 
 
@@ -248,7 +248,7 @@ def test_relaunch_does_nothing_when_it_does_not_apply(no_exec, monkeypatch, situ
         monkeypatch.setattr(allocator, "find_tcmalloc", lambda: None)
     else:
         monkeypatch.setattr(allocator, "active_allocator", lambda: "tcmalloc")
-    allocator.relaunch_with_tcmalloc(["/usr/bin/python3", "script.py"])
+    allocator.relaunch_with_tcmalloc("__main__", ["/usr/bin/python3", "script.py"])
     assert no_exec == []
 
 
