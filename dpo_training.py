@@ -14,17 +14,25 @@ from medgpt.allocator import relaunch_with_tcmalloc
 
 relaunch_with_tcmalloc(__name__)  # first, before anything allocates (see medgpt/allocator.py)
 
+from peft import PeftModel
 from trl import DPOConfig, DPOTrainer
 
 from medgpt.arguments import DataArguments, LoraArguments, ModelArguments, PreferenceArguments, parse_args, setup_logging
 from medgpt.errors import exit_on_input_error
 from medgpt.modeling import prepare_model
-from medgpt.training import GroupPairsByLength, tokenizer_and_preference_rows, train_on_rows
+from medgpt.training import GroupPairsByLength, forward_pair_sides_apart, tokenizer_and_preference_rows, train_on_rows
 
 
 class PretokenizedDPOTrainer(GroupPairsByLength, DPOTrainer):
     """DPOTrainer fed with pairs already rendered by our template and tokenized (prompt_ids, chosen_ids,
-    rejected_ids), so DPO sees exactly the text SFT and inference see."""
+    rejected_ids), so DPO sees exactly the text SFT and inference see. Chosen and rejected answers run
+    as two forwards, each padded only to its own side's longest row."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        forward_pair_sides_apart(self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model)
+        if self.ref_model is not None:
+            forward_pair_sides_apart(self.ref_model)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         if {"prompt_ids", "chosen_ids", "rejected_ids"} <= set(dataset.column_names):

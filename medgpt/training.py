@@ -1,5 +1,6 @@
 """What every stage does around its trainer: train, report, save."""
 
+import functools
 import logging
 import os
 
@@ -80,6 +81,52 @@ class GroupPairsByLength:
             return super()._get_eval_sampler(eval_dataset)
         return LengthGroupedSampler(self.args.eval_batch_size, lengths=lengths,
                                     generator=torch.Generator().manual_seed(self.args.seed))
+
+
+# The per-token fields of TRL's FusedCausalLMOutput, zero where the label is -100.
+FUSED_PER_TOKEN_FIELDS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "label_mask")
+
+
+def forward_pair_sides_apart(model) -> None:
+    """Make a fused-head forward over a preference batch ([chosen rows; rejected rows], right-padded) run
+    each side as its own forward, cut to that side's longest row. TRL pads both sides to the longest row
+    of either, and chosen answers are often several times the rejected ones' length: half the rejected
+    rows' positions were padding on the shipped data. The outputs are the same; only padding is skipped.
+    Batches this cannot cut safely (other inputs, router logits, left padding) take the joint forward."""
+    joint_forward = model.forward
+
+    @functools.wraps(joint_forward)
+    def forward(*args, fused_lm_head=False, input_ids=None, attention_mask=None, labels=None, **kwargs):
+        cuttable = (fused_lm_head and not args and input_ids is not None and attention_mask is not None
+                    and labels is not None and input_ids.size(0) % 2 == 0 and input_ids.size(0) > 0
+                    and all(value is None or name == "use_cache" for name, value in kwargs.items()))
+        if not cuttable:
+            return joint_forward(*args, fused_lm_head=fused_lm_head, input_ids=input_ids,
+                                 attention_mask=attention_mask, labels=labels, **kwargs)
+        half, positions = input_ids.size(0) // 2, input_ids.size(1)
+        sides = []
+        for rows in (slice(0, half), slice(half, None)):
+            length = max(int(attention_mask[rows].sum(dim=1).max()), 2)
+            if attention_mask[rows, length:].any():  # not right-padded: cutting would drop real tokens
+                return joint_forward(fused_lm_head=True, input_ids=input_ids, attention_mask=attention_mask,
+                                     labels=labels, **kwargs)
+            sides.append((rows, length))
+        outputs = [joint_forward(fused_lm_head=True, input_ids=input_ids[rows, :length],
+                                 attention_mask=attention_mask[rows, :length], labels=labels[rows, :length], **kwargs)
+                   for rows, length in sides]
+        joined = {}
+        for field in FUSED_PER_TOKEN_FIELDS:
+            parts = [getattr(output, field) for output in outputs]
+            if any(part is None for part in parts):
+                joined[field] = None
+                continue
+            # Positions beyond a side's cut were padding: their per-token fields are zero (False).
+            joined[field] = torch.cat([torch.cat([part, part.new_zeros(part.size(0), positions - 1 - part.size(1))], dim=1)
+                                       for part in parts])
+        joined["loss"] = -joined["log_probs"].sum() / joined["label_mask"].sum().clamp(min=1)
+        return type(outputs[0])(**joined)
+
+    model.forward = forward
 
 
 def finish_training(trainer, tokenizer, training_args, evaluate: bool = False) -> dict:

@@ -15,7 +15,7 @@ from trl.trainer.utils import add_fused_lm_head
 
 from conftest import REPO, run_script, tiny_training_flags
 from medgpt import allocator, cpu_logprobs
-from medgpt.training import FusedLossTrainer, GroupPairsByLength, pair_lengths
+from medgpt.training import FusedLossTrainer, GroupPairsByLength, forward_pair_sides_apart, pair_lengths
 
 
 @pytest.fixture(params=["TRL's tiles", "frozen-head log-probabilities"])
@@ -102,6 +102,59 @@ def test_frozen_head_log_probabilities_match_trl_for_any_upstream_gradient(autoc
             torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5 * theirs.abs().max().item(), msg=name)
         else:  # bf16 products, as the plain loss under autocast; TRL accumulates this one in fp32
             torch.testing.assert_close(ours, theirs, rtol=0.02, atol=0.02 * theirs.abs().max().item(), msg=name)
+
+
+def preference_batch(vocab_size: int, left_padded: bool = False) -> dict:
+    """Two pairs as DPO batches them, [chosen; rejected]: long chosen answers, short rejected ones, all
+    padded to the longest row, prompts masked out of the labels."""
+    generator = torch.Generator().manual_seed(4)
+    lengths = [37, 29, 14, 11]
+    input_ids = torch.randint(1, vocab_size, (4, 37), generator=generator)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, length in enumerate(lengths):
+        if left_padded:
+            attention_mask[row, 37 - length:] = 1
+        else:
+            attention_mask[row, :length] = 1
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    prompt_ends = attention_mask.argmax(dim=1) + 6
+    for row, end in enumerate(prompt_ends):
+        labels[row, :end] = -100
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "use_cache": False}
+
+
+@pytest.mark.parametrize("left_padded", [False, True])
+def test_pair_sides_apart_give_the_joint_forwards_outputs_and_gradients(tiny_model_dir, small_tiles, left_padded):
+    model = lora_model(tiny_model_dir)
+    fields = ("log_probs", "entropy", "mean_logits", "is_top1")
+    add_fused_lm_head(model.get_base_model(), outputs=fields)
+    batch = preference_batch(model.config.vocab_size, left_padded)
+    weights = torch.tensor([1.0, 0.5, -1.0, -0.5]).unsqueeze(1)  # DPO's sign per side, any scale per pair
+
+    results, calls = [], []
+    for apart in (False, True):
+        if apart:
+            joint = model.get_base_model().forward
+            model.get_base_model().forward = lambda **kwargs: calls.append(kwargs["input_ids"].shape) or joint(**kwargs)
+            forward_pair_sides_apart(model.get_base_model())
+        model.zero_grad()
+        outputs = model(**batch, fused_lm_head=True)
+        ((outputs.log_probs * weights).sum() + outputs.entropy.sum()).backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+        results.append(([getattr(outputs, field).detach() for field in fields + ("label_mask", "loss")], grads))
+
+    # Cut to each side's longest row when right-padded; left padding keeps the joint forward.
+    assert calls == ([torch.Size([4, 37])] if left_padded else [torch.Size([2, 37]), torch.Size([2, 14])])
+    (joint_values, joint_grads), (apart_values, apart_grads) = results
+    for name, theirs, ours in zip(fields + ("label_mask", "loss"), joint_values, apart_values):
+        assert ours.shape == theirs.shape, name
+        if theirs.dtype == torch.bool:
+            assert torch.equal(ours, theirs), name
+        else:
+            torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5 * theirs.abs().max().item(), msg=name)
+    for name, gradient in joint_grads.items():
+        assert gradient.abs().max() > 0, name
+        torch.testing.assert_close(apart_grads[name], gradient, rtol=1e-5, atol=1e-5 * gradient.abs().max().item())
 
 
 def train_three_steps(trainer_class, model_dir: str, blocks: list[dict], output_dir) -> list[float]:
