@@ -4,6 +4,7 @@ name and renamed into place, so an interrupted run leaves the old result or the 
 import contextlib
 import fnmatch
 import glob
+import json
 import logging
 import os
 import re
@@ -99,6 +100,22 @@ def atomic_write(path: str, mode: str = "w", encoding: str | None = "utf-8"):
 def atomic_write_text(path: str, text: str) -> None:
     with atomic_write(path) as stream:
         stream.write(text)
+
+
+def check_new_output_file(path: str | None, overwrite: bool, flag: str = "--output_file") -> None:
+    """check_output_file, and refuse to replace results already there unless asked (before any work)."""
+    check_output_file(path, flag)
+    if os.path.exists(path) and os.path.getsize(path) > 0 and not overwrite:
+        raise InputError(f"{flag} already holds results: pass --overwrite True to replace them", path)
+
+
+def jsonl_text(records) -> str:
+    return "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+
+
+def write_jsonl(path: str, records) -> None:
+    """One JSON object a line, UTF-8 as is (Chinese stays readable), replacing `path` in one rename."""
+    atomic_write_text(path, jsonl_text(records))
 
 
 def staging_path(output_dir: str) -> str:
