@@ -304,13 +304,15 @@ class EndpointError(Exception):
 
 
 class EndpointGenerator:
-    """Greedy answers from an OpenAI-compatible chat completions endpoint, streamed to time the first token."""
+    """Answers from an OpenAI-compatible chat completions endpoint (greedy unless a temperature is given),
+    streamed to time the first token."""
 
     def __init__(self, api_base: str, api_key: str | None, model: str, concurrency: int, timeout: float,
-                 retries: int = 2):
+                 retries: int = 2, temperature: float = 0.0):
         import httpx
 
         self.url, self.model, self.concurrency, self.retries = api_base.rstrip("/"), model, concurrency, retries
+        self.temperature = temperature
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.client = httpx.Client(headers=headers, timeout=timeout)
 
@@ -341,7 +343,7 @@ class EndpointGenerator:
     def _stream(self, messages: list[dict], max_new_tokens: int):
         from medgpt.generation import Generated
 
-        body = {"model": self.model, "messages": messages, "max_tokens": max_new_tokens, "temperature": 0,
+        body = {"model": self.model, "messages": messages, "max_tokens": max_new_tokens, "temperature": self.temperature,
                 "stream": True, "stream_options": {"include_usage": True}}
         started, first, pieces, usage, streamed = time.perf_counter(), None, [], None, False
         with self.client.stream("POST", f"{self.url}/chat/completions", json=body) as response:
