@@ -13,13 +13,12 @@ are carried over unchanged. A record the target cannot hold (tool calls in Alpac
 logged with its path:line, or with --strict True is an error.
 """
 
+import logging
 import os
 import sys
+from dataclasses import dataclass, field
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the medgpt package beside tools/
-
-import logging  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
 
 from medgpt.arguments import parse_args, setup_logging  # noqa: E402
 from medgpt.dataset_tools import (  # noqa: E402

@@ -10,14 +10,13 @@ share of CJK characters against Latin letters in the turns (a CJK character weig
 Chinese with a few English drug names stays zh; other: no letters, or mostly other scripts).
 """
 
+import json
+import logging
 import os
 import sys
+from dataclasses import dataclass, field
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the medgpt package beside tools/
-
-import json  # noqa: E402
-import logging  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
 
 from medgpt.arguments import parse_args, setup_logging  # noqa: E402
 from medgpt.dataset_tools import (  # noqa: E402

@@ -12,13 +12,12 @@ left out of the comparison, so a prompt shared by a whole dataset does not make 
 Records are written as they were read.
 """
 
+import logging
 import os
 import sys
+from dataclasses import dataclass, field
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the medgpt package beside tools/
-
-import logging  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
 
 from medgpt.arguments import parse_args, setup_logging  # noqa: E402
 from medgpt.dataset_tools import (  # noqa: E402

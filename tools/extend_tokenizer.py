@@ -20,14 +20,13 @@ Train the new rows with the stage scripts, e.g.
 Only byte-level BPE tokenizers (GPT-2, Llama 3, Qwen, SmolLM2 and their kind) are supported.
 """
 
+import logging
 import os
 import sys
+from collections import Counter
+from dataclasses import dataclass, field
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the medgpt package beside tools/
-
-import logging  # noqa: E402
-from collections import Counter  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
 
 from transformers import AutoModelForCausalLM  # noqa: E402
 

@@ -11,14 +11,13 @@ kept). --to unchanged writes records as they are (pretraining text, preference p
 with the training rules of their kind; the conversation formats convert as convert_data.py does.
 """
 
+import logging
 import os
+import random
 import sys
+from dataclasses import dataclass, field
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the medgpt package beside tools/
-
-import logging  # noqa: E402
-import random  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
 
 from medgpt.arguments import parse_args, require, setup_logging  # noqa: E402
 from medgpt.data import find_data_files  # noqa: E402

@@ -14,13 +14,12 @@ Then train on it: `python pretraining.py --train_file_dir outputs/literature ...
 PubMed abstracts are copyrighted by their publishers and authors: check NLM's terms before sharing a corpus.
 """
 
+import logging
 import os
 import sys
+from dataclasses import dataclass, field
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the medgpt package beside tools/
-
-import logging  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
 
 from medgpt.arguments import at_least, parse_args, require, setup_logging  # noqa: E402
 from medgpt.errors import InputError, exit_on_input_error  # noqa: E402

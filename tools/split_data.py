@@ -12,13 +12,12 @@ validation ends at most one group's size short of the size asked. Both files kee
 records are written as they were read.
 """
 
+import logging
 import os
 import sys
+from dataclasses import dataclass, field
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the medgpt package beside tools/
-
-import logging  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
 
 from medgpt.arguments import at_least, parse_args, require, setup_logging  # noqa: E402
 from medgpt.dataset_tools import Tally, check_jsonl_output, input_files, read_records, viewed_records  # noqa: E402

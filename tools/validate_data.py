@@ -16,10 +16,9 @@ are problems.
 
 import os
 import sys
+from dataclasses import dataclass, field
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the medgpt package beside tools/
-
-from dataclasses import dataclass, field  # noqa: E402
 
 from medgpt.arguments import at_least, parse_args, setup_logging  # noqa: E402
 from medgpt.dataset_tools import KINDS, LengthCheck, first_kind, input_files, validate_files, validation_summary  # noqa: E402
