@@ -30,9 +30,22 @@ class PretokenizedDPOTrainer(GroupPairsByLength, DPOTrainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        self._forward_sides_apart()
+
+    def _forward_sides_apart(self):
+        # Sharded training (DeepSpeed ZeRO, FSDP) gathers the weights once per forward: two forwards
+        # would gather them twice, which costs more than the padding saves.
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return
         forward_pair_sides_apart(self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model)
         if self.ref_model is not None:
             forward_pair_sides_apart(self.ref_model)
+
+    def _precompute_ref_logps(self, *args, **kwargs):
+        # --precompute_ref_log_probs runs inside DPOTrainer.__init__: the reference then comes from the
+        # same forwards as the policy later.
+        self._forward_sides_apart()
+        return super()._precompute_ref_logps(*args, **kwargs)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         if {"prompt_ids", "chosen_ids", "rejected_ids"} <= set(dataset.column_names):

@@ -5,6 +5,7 @@ treatments, differential diagnoses), in the SFT data's medical-inquiry shape: "P
 import json
 import random
 import re
+from collections import Counter
 from dataclasses import dataclass
 
 from medgpt.data import decode_lines
@@ -48,6 +49,16 @@ def _text(value, where: str, path: str, line: int) -> dict:
     return value
 
 
+def applicable_tests(tests: list[dict], sex: str, age: int) -> list[dict]:
+    """The tests that apply to a patient: some are for one sex (an enzyme level that is diagnostic in men
+    only), some findings appear only in adults ("min_age")."""
+    return [test for test in tests if test.get("sex") in (None, sex) and age >= test.get("min_age", 0)]
+
+
+def key_tests(tests: list[dict], sex: str, age: int) -> list[dict]:
+    return [test for test in applicable_tests(tests, sex, age) if test.get("key")]
+
+
 def _check_disease(record, path: str, line: int) -> Disease:
     if not isinstance(record, dict):
         raise InputError("a disease must be a JSON object", path, line)
@@ -77,15 +88,24 @@ def _check_disease(record, path: str, line: int) -> Disease:
             if key not in test:
                 raise InputError(f'{name}: tests[{index}] has no "{key}"', path, line)
             _text(test[key], f"{name}: tests[{index}].{key}", path, line)
-    if not any(test.get("key") for test in tests):
-        raise InputError(f'{name}: no test is marked "key": true (the findings an assessment rests on)', path, line)
+        if not isinstance(test.get("key", False), bool):
+            raise InputError(f'{name}: tests[{index}].key must be true or false', path, line)
+        if test.get("sex") not in (None, "male", "female"):
+            raise InputError(f'{name}: tests[{index}].sex must be "male" or "female" (or absent: both)', path, line)
+        minimum = test.get("min_age", 0)
+        if not isinstance(minimum, int) or isinstance(minimum, bool) or minimum < 0:
+            raise InputError(f"{name}: tests[{index}].min_age must be a whole number of years", path, line)
     ages = record.get("onset_age")
-    if not (isinstance(ages, list) and len(ages) == 2 and all(isinstance(age, int) for age in ages)
-            and 0 <= ages[0] <= ages[1] <= 120):
+    if not (isinstance(ages, list) and len(ages) == 2
+            and all(isinstance(age, int) and not isinstance(age, bool) for age in ages) and 0 <= ages[0] <= ages[1] <= 120):
         raise InputError(f'{name}: "onset_age" must be [youngest, oldest] in years', path, line)
     share = record.get("female_share", 0.5)
-    if not (isinstance(share, (int, float)) and 0 <= share <= 1):
+    if isinstance(share, bool) or not (isinstance(share, (int, float)) and 0 <= share <= 1):
         raise InputError(f'{name}: "female_share" must be a number from 0 to 1', path, line)
+    for sex in [sex for sex, possible in (("female", share > 0), ("male", share < 1)) if possible]:
+        if not key_tests(tests, sex, ages[0]):
+            raise InputError(f'{name}: no test is marked "key": true for a {sex} patient of {ages[0]} (the '
+                             "findings an assessment rests on)", path, line)
     return Disease(disease_id, record, line)
 
 
@@ -140,14 +160,15 @@ def sample_case(disease: Disease, language: str, rng: random.Random, number: int
     female = rng.random() < record.get("female_share", 0.5)
     symptoms = rng.sample(record["symptoms"], min(3, len(record["symptoms"])))
     signs = rng.sample(record["signs"], rng.randint(1, min(2, len(record["signs"]))))
-    key_tests = [test for test in record["tests"] if test.get("key")]
-    other_tests = [test for test in record["tests"] if not test.get("key")]
-    tests = key_tests + rng.sample(other_tests, min(len(other_tests), rng.randint(1, 2)))
+    tests = applicable_tests(record["tests"], "female" if female else "male", age)
+    key = [test for test in tests if test.get("key")]
+    others = [test for test in tests if not test.get("key")]
+    tests = key + rng.sample(others, min(len(others), rng.randint(1, 2)))
     rng.shuffle(tests)
     treatments = record["treatments"][:3]
     pick = lambda items: [item[language] for item in items]  # noqa: E731
     results = [f"{test['name'][language]}{'：' if language == 'zh' else ': '}{test['result'][language]}" for test in tests]
-    key_results = [f"{test['name'][language]} {test['result'][language]}" for test in key_tests]
+    key_results = [f"{test['name'][language]} {test['result'][language]}" for test in key]
     name, specialist = record["name"][language], record["specialist"][language]
     if language == "zh":
         presentation = (f"患者信息：{'女' if female else '男'}，{age}岁。症状：{'；'.join(pick(symptoms))}。"
@@ -161,7 +182,8 @@ def sample_case(disease: Disease, language: str, rng: random.Random, number: int
         assessment = (f"These findings point to {name}. Cause: {record['inheritance'][language]}. In support: "
                       f"{'; '.join(key_results)}; {'; '.join(pick(signs))}. Conditions to rule out: "
                       f"{_join(pick(record['differential']), language)}. Management: {'; '.join(pick(treatments))}. "
-                      f"A {specialist} should confirm the diagnosis and lead treatment and follow-up.")
+                      f"{'An' if specialist[:1].lower() in 'aeiou' else 'A'} {specialist} should confirm the diagnosis "
+                      "and lead treatment and follow-up.")
     return Case(f"{disease.id}-{language}-{number:03d}", disease.id, language, presentation, assessment)
 
 
@@ -184,10 +206,14 @@ REPHRASE_PROMPTS = {
 
 
 def keeps_findings(original: str, rephrased: str) -> bool:
-    """Whether a rephrased presentation kept every number of the original (ages, results) and is not much
-    shorter: a model that drops or changes a finding would make the assessment wrong."""
-    numbers = re.findall(r"\d+(?:\.\d+)?", original)
-    return len(rephrased) >= 0.6 * len(original) and all(number in rephrased for number in numbers)
+    """Whether a rephrased presentation kept every number of the original as a number (an age of 3 is
+    not kept by a 35), as often as the original has it, and is not much shorter: a model that drops or
+    changes a finding would make the assessment wrong. Wording is the model's; numbers are the facts
+    that rewording must not touch."""
+    numbers = re.compile(r"(?<![\d.])\d+(?:\.\d+)?(?![\d.])")
+    found = Counter(numbers.findall(rephrased))
+    return len(rephrased) >= 0.6 * len(original) and all(
+        found[number] >= count for number, count in Counter(numbers.findall(original)).items())
 
 
 def case_record(case: Case, output_format: str) -> dict:

@@ -50,7 +50,9 @@ def read_sources(paths: list[str], min_words: int, report) -> list[Source]:
                 try:
                     if isinstance(raw, RecordError):
                         raise raw
-                    record = raw if isinstance(raw, dict) else {}
+                    if not isinstance(raw, dict):
+                        raise RecordError("not an object", f"a record must be a JSON object, got {type(raw).__name__}")
+                    record = raw
                     text = record_to_text(record).strip()
                 except RecordError as error:
                     raise InputError(str(error), file_path, line) from None
@@ -216,34 +218,39 @@ def record_question(record: dict) -> str:
 
 
 class ResumableOutput:
-    """A JSONL output written a round at a time, with a state file beside it (`<output>.state.jsonl`): the
-    settings, then one line per finished source with its counts. Pairs are appended before their source is
-    marked finished, so after an interruption the pairs of unfinished sources are removed and those
-    sources done again: every pair is kept once."""
+    """A JSONL output written a round at a time, with a state file beside it (`<output>.state`, a name
+    the training scripts do not read as data): the settings, then one line per finished source with its
+    counts. Pairs are appended before their source is marked finished, so after an interruption the pairs
+    of unfinished sources are removed and those sources done again: every pair is kept once."""
 
     def __init__(self, path: str, settings: dict, overwrite: bool):
         """Check where the output goes and whether it resumes (before any work); nothing is written yet."""
         check_output_file(path)
-        self.path, self.state_path, self.settings = path, path + ".state.jsonl", settings
+        self.path, self.state_path, self.settings = path, path + ".state", settings
         self.finished: dict[str, dict] = {}
         self.records: list[dict] = []
         self.resuming = not overwrite and (os.path.exists(path) or os.path.exists(self.state_path))
         if self.resuming:
             self._check_resumable()
 
-    def open(self) -> None:
-        """Start the output afresh, or take up the run recorded in the state file."""
+    def open(self, source_ids: set[str]) -> None:
+        """Start the output afresh, or take up the run recorded in the state file, keeping only what came
+        from `source_ids` (a source no longer in the input takes its pairs with it)."""
         if self.resuming:
-            self._resume()
+            self._resume(source_ids)
         else:
-            self._start()
+            # The fresh state first: stopped between the two writes, the next run finds no finished
+            # source and removes whatever the old output held, rather than trusting an old state.
+            atomic_write_text(self.state_path, self._state_text())
+            atomic_write_text(self.path, "")
 
-    def _start(self) -> None:
-        atomic_write_text(self.path, "")
-        atomic_write_text(self.state_path, json.dumps({"settings": self.settings}, ensure_ascii=False) + "\n")
+    def _state_text(self) -> str:
+        return jsonl_text([{"settings": self.settings}, *self.finished.values()])
 
-    def _state_lines(self) -> list[str]:
-        with open(self.state_path, encoding="utf-8") as stream:
+    def _lines(self, path: str) -> list[str]:
+        # A line cut inside a multi-byte character must not stop the resume: it fails to parse like
+        # any half-written line and is dropped.
+        with open(path, encoding="utf-8", errors="replace") as stream:
             return stream.read().split("\n")
 
     def _check_resumable(self) -> None:
@@ -254,7 +261,7 @@ class ResumableOutput:
             raise InputError("the run recorded beside --output_file lost its output: pass --overwrite True to "
                              "start again", self.path)
         try:
-            recorded = json.loads(self._state_lines()[0])["settings"]
+            recorded = json.loads(self._lines(self.state_path)[0])["settings"]
         except (ValueError, KeyError, TypeError):
             raise InputError("unreadable state file: pass --overwrite True to start again", self.state_path, 1) from None
         changed = sorted(key for key in set(recorded) | set(self.settings) if recorded.get(key) != self.settings.get(key))
@@ -262,45 +269,43 @@ class ResumableOutput:
             raise InputError(f"--output_file was started with other settings ({', '.join(changed)}): pass "
                              "--overwrite True to start again, or write elsewhere", self.path)
 
-    def _resume(self) -> None:
-        for line in self._state_lines()[1:]:
+    @staticmethod
+    def _objects(lines: list[str]):
+        for line in lines:
             try:
-                entry = json.loads(line)
-                self.finished[entry["finished"]] = entry
-            except (ValueError, KeyError, TypeError):
+                value = json.loads(line)
+            except ValueError:
                 continue  # the line being written when the run stopped
-        kept, removed = [], 0
-        with open(self.path, encoding="utf-8") as stream:
-            for line in stream:
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    removed += 1
-                    continue
-                if isinstance(record, dict) and record.get("source_id") in self.finished:
-                    kept.append(record)
-                else:
-                    removed += 1
-        self.records = kept
-        if removed:  # pairs of sources that were not finished: they are written again
-            atomic_write_text(self.path, jsonl_text(kept))
-        # The state lines, without a half-written last one
-        atomic_write_text(self.state_path, "".join(
-            json.dumps(entry, ensure_ascii=False) + "\n" for entry in [{"settings": self.settings}, *self.finished.values()]))
-        logger.info("resuming %s: %d sources finished before, %d pairs kept%s", self.path, len(self.finished),
-                    len(kept), f", {removed} lines of unfinished sources removed" if removed else "")
+            if isinstance(value, dict):
+                yield value
+
+    def _resume(self, source_ids: set[str]) -> None:
+        gone = 0
+        for entry in self._objects(self._lines(self.state_path)[1:]):
+            if entry.get("finished") in source_ids:
+                self.finished[entry["finished"]] = entry
+            elif "finished" in entry:
+                gone += 1
+        lines = [line for line in self._lines(self.path) if line.strip()]
+        self.records = [record for record in self._objects(lines) if record.get("source_id") in self.finished]
+        removed = len(lines) - len(self.records)
+        atomic_write_text(self.state_path, self._state_text())  # without a half-written last line
+        if removed:  # pairs of unfinished sources (done again) and of sources no longer in the input
+            atomic_write_text(self.path, jsonl_text(self.records))
+        logger.info("resuming %s: %d sources finished before, %d pairs kept%s%s", self.path, len(self.finished),
+                    len(self.records), f", {removed} lines of unfinished or removed sources dropped" if removed else "",
+                    f", {gone} finished sources no longer in the input" if gone else "")
 
     def add(self, source_id: str, records: list[dict], dropped: Counter) -> None:
         """A finished source: its pairs, then its mark in the state file, each flushed to disk."""
-        for path, text in ((self.path, jsonl_text(records)),
-                           (self.state_path, json.dumps({"finished": source_id, "kept": len(records),
-                                                         "dropped": dict(dropped)}, ensure_ascii=False) + "\n")):
+        entry = {"finished": source_id, "kept": len(records), "dropped": dict(dropped)}
+        for path, text in ((self.path, jsonl_text(records)), (self.state_path, jsonl_text([entry]))):
             with open(path, "a", encoding="utf-8") as stream:
                 stream.write(text)
                 stream.flush()
                 os.fsync(stream.fileno())
         self.records += records
-        self.finished[source_id] = {"finished": source_id, "kept": len(records), "dropped": dict(dropped)}
+        self.finished[source_id] = entry
 
 
 def generate_pairs(sources: list[Source], writer, output: ResumableOutput, language: str, pairs_per_source: int,

@@ -83,22 +83,35 @@ class GroupPairsByLength:
                                     generator=torch.Generator().manual_seed(self.args.seed))
 
 
-# The per-token fields of TRL's FusedCausalLMOutput, zero where the label is -100.
-FUSED_PER_TOKEN_FIELDS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "label_mask")
+def fused_per_token_fields() -> list[str]:
+    """The per-token fields of TRL's FusedCausalLMOutput (zero where the label is -100): read from the
+    class, so that a field TRL adds is carried through forward_pair_sides_apart rather than lost."""
+    import dataclasses
+
+    from trl.trainer.utils import FusedCausalLMOutput
+
+    return [field.name for field in dataclasses.fields(FusedCausalLMOutput) if field.name not in ("loss", "aux_loss")]
 
 
 def forward_pair_sides_apart(model) -> None:
     """Make a fused-head forward over a preference batch ([chosen rows; rejected rows], right-padded) run
     each side as its own forward, cut to that side's longest row. TRL pads both sides to the longest row
     of either, and chosen answers are often several times the rejected ones' length: half the rejected
-    rows' positions were padding on the shipped data. The outputs are the same; only padding is skipped.
-    Batches this cannot cut safely (other inputs, router logits, left padding) take the joint forward."""
+    rows' positions were padding on the shipped data. The outputs are those of the joint forward (to
+    rounding); only padding is skipped. Batches this cannot cut safely (other inputs, left padding) and
+    models that add a router loss take the joint forward. Applying it twice changes nothing."""
     joint_forward = model.forward
+    if getattr(joint_forward, "pair_sides_apart", False):
+        return
+    text_config = model.config.get_text_config()
+    router_loss = getattr(text_config, "output_router_logits", False)  # added per forward: keep one
+    per_token_fields = fused_per_token_fields()
 
     @functools.wraps(joint_forward)
     def forward(*args, fused_lm_head=False, input_ids=None, attention_mask=None, labels=None, **kwargs):
-        cuttable = (fused_lm_head and not args and input_ids is not None and attention_mask is not None
-                    and labels is not None and input_ids.size(0) % 2 == 0 and input_ids.size(0) > 0
+        cuttable = (fused_lm_head and not router_loss and not args and input_ids is not None
+                    and attention_mask is not None and labels is not None and input_ids.size(0) % 2 == 0
+                    and input_ids.size(0) > 0
                     and all(value is None or name == "use_cache" for name, value in kwargs.items()))
         if not cuttable:
             return joint_forward(*args, fused_lm_head=fused_lm_head, input_ids=input_ids,
@@ -115,7 +128,7 @@ def forward_pair_sides_apart(model) -> None:
                                  attention_mask=attention_mask[rows, :length], labels=labels[rows, :length], **kwargs)
                    for rows, length in sides]
         joined = {}
-        for field in FUSED_PER_TOKEN_FIELDS:
+        for field in per_token_fields:
             parts = [getattr(output, field) for output in outputs]
             if any(part is None for part in parts):
                 joined[field] = None
@@ -126,6 +139,7 @@ def forward_pair_sides_apart(model) -> None:
         joined["loss"] = -joined["log_probs"].sum() / joined["label_mask"].sum().clamp(min=1)
         return type(outputs[0])(**joined)
 
+    forward.pair_sides_apart = True
     model.forward = forward
 
 

@@ -88,6 +88,20 @@ def test_dpo_and_orpo_run(tiny_model_dir, tmp_path, script, lora):
     assert_saved_model(tmp_path, lora)
 
 
+def test_dpo_with_precomputed_reference_starts_from_zero_rewards(tiny_model_dir, tmp_path):
+    """--precompute_ref_log_probs computes the reference before training, through the forwards that run
+    chosen and rejected answers apart: with a fresh adapter the first step's rewards are zero."""
+    result = run_script(
+        "dpo_training.py", "--model_name_or_path", tiny_model_dir, "--template_name", "chatml",
+        "--train_file_dir", PREFERENCE_DATA[True], "--max_train_samples", "8", *PAIR_LENGTHS,
+        "--precompute_ref_log_probs", "True", *mode_flags(True), *tiny_training_flags(tmp_path),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    first = next(entry for entry in log_history(tmp_path) if "loss" in entry)
+    assert first["rewards/chosen"] == 0.0 and first["rewards/rejected"] == 0.0
+    assert first["loss"] == pytest.approx(0.6931, abs=1e-4)  # -log sigmoid(0)
+
+
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
 def test_grpo_runs_with_built_in_rewards_and_the_reward_model(tiny_model_dir, reward_model_dir, tmp_path, lora):
     result = run_script(

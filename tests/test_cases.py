@@ -37,24 +37,31 @@ def test_the_same_seed_gives_the_same_cases_and_another_seed_others(tmp_path):
 
 def test_every_case_agrees_with_its_disease_in_the_graph():
     diseases = {disease.id: disease.fields for disease in load_knowledge_graph(SHIPPED_GRAPH)}
-    cases = synthesize_cases(list(load_knowledge_graph(SHIPPED_GRAPH)), 5, ["en", "zh"], seed=42)
+    cases = synthesize_cases(list(load_knowledge_graph(SHIPPED_GRAPH)), 12, ["en", "zh"], seed=42)
     for case in cases:
-        disease = diseases[case.disease]
-        language = case.language
+        disease, language = diseases[case.disease], case.language
         assert disease["name"][language] in case.assessment
+        if language == "zh":
+            sex = "female" if case.presentation.startswith("患者信息：女") else "male"
+            age = int(case.presentation.split("岁")[0].split("，")[-1])
+        else:
+            sex = "female" if "-year-old woman" in case.presentation else "male"
+            age = int(case.presentation.split("-year-old")[0].split()[-1])
+        assert disease["onset_age"][0] <= age <= disease["onset_age"][1]
         for test in disease["tests"]:
             shown = f"{test['name'][language]}{'：' if language == 'zh' else ': '}{test['result'][language]}"
-            if test.get("key"):  # the results the diagnosis rests on are always given, and cited
+            applies = test.get("sex") in (None, sex) and age >= test.get("min_age", 0)
+            if not applies:  # another sex's result, or a finding of adults in a child
+                assert shown not in case.presentation
+            elif test.get("key"):  # the results the diagnosis rests on are always given, and cited
                 assert shown in case.presentation
                 assert test["result"][language] in case.assessment
-        age = int(case.presentation.split("岁")[0].split("，")[-1] if language == "zh"
-                  else case.presentation.split("-year-old")[0].split()[-1])
-        assert disease["onset_age"][0] <= age <= disease["onset_age"][1]
         symptoms = [symptom[language] for symptom in disease["symptoms"] if symptom[language] in case.presentation]
         assert len(symptoms) == 3
         assert disease["specialist"][language] in case.assessment
-    fabry = [case for case in cases if case.disease == "fabry_disease" and case.language == "en"]
-    assert all("-year-old man" in case.presentation for case in fabry)  # the graph's share of women is 0
+    fabry_women = [case for case in cases if case.disease == "fabry_disease" and "-year-old woman" in case.presentation]
+    assert fabry_women and all("below 5% of normal" not in case.presentation for case in fabry_women)
+    assert all("GLA gene testing: a disease-causing variant" in case.presentation for case in fabry_women)
 
 
 def write_graph(tmp_path, transform) -> str:
@@ -111,6 +118,8 @@ def test_a_rewrite_is_used_only_when_it_keeps_every_finding(tmp_path):
                           "A 19-year-old man was referred; his sodium was 124 mmol/L on testing.")
     assert not keeps_findings("Patient: 19-year-old man. Test results: sodium: 124 mmol/L.",
                               "A young man was referred with low sodium of 124 mmol/L on testing today.")
+    assert not keeps_findings("Patient: 3-year-old boy, 2 signs. Test results: copper 250 µg/24 h.",
+                              "A 35-year-old man, 2 signs, with urinary copper of 250 µg/24 h on testing.")
 
     def reply(prompt: str) -> str:
         presentation = prompt.split("\n\n", 1)[1]

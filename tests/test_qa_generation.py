@@ -110,7 +110,7 @@ def test_pairs_from_an_endpoint_keep_their_source_and_drop_what_fails(tmp_path, 
                                  "variants in ATP7B."}]
     assert first["language"] == "en" and records[4]["language"] == "zh"
     assert records[4]["conversations"][1]["value"] == "肝豆状核变性是一种常染色体隐性遗传的铜代谢障碍疾病。"
-    state = read_jsonl(str(output) + ".state.jsonl")
+    state = read_jsonl(str(output) + ".state")
     assert [entry["finished"] for entry in state[1:]] == [record["source_id"] for record in records]
     assert state[1]["dropped"] == {"question refers to the source text": 1,
                                    "answer not supported by the source (under 60% of its words)": 1}
@@ -131,7 +131,7 @@ def test_alpaca_output_and_chinese_prompts(tmp_path):
 
 def test_a_run_killed_midway_resumes_and_keeps_every_pair_once(tmp_path):
     corpus, output = write_sources(tmp_path), tmp_path / "qa.jsonl"
-    state_file = str(output) + ".state.jsonl"
+    state_file = str(output) + ".state"
     command = [sys.executable, os.path.join(REPO, "tools", "generate_qa.py"), "--input", corpus,
                "--output_file", str(output), "--model", "stub-writer", "--concurrency", "1", "--batch_size", "1"]
     with StubEndpoint(grounded_reply) as stub:
@@ -145,9 +145,10 @@ def test_a_run_killed_midway_resumes_and_keeps_every_pair_once(tmp_path):
         process.wait()
         finished_before = [entry["finished"] for entry in read_jsonl(state_file)[1:]]
         assert 2 <= len(finished_before) < len(SOURCES)
-        # As if killed while writing: a pair of an unfinished source and half a line after it
-        with open(output, "a", encoding="utf-8") as stream:
-            stream.write(json.dumps({"conversations": [], "source_id": "90000104"}) + "\n{\"conversations\": [")
+        # As if killed while writing: a pair of an unfinished source, then half a line cut inside a character
+        with open(output, "ab") as stream:
+            stream.write((json.dumps({"conversations": [], "source_id": "90000104"}) + "\n").encode())
+            stream.write('{"conversations": [{"from": "human", "value": "肝'.encode()[:-1])
         stub.server.delay, stub.server.requests = 0.0, []
         generate_qa.main(command[2:] + ["--api_base", stub.url])
         asked_again = len(stub.server.requests)
@@ -157,6 +158,19 @@ def test_a_run_killed_midway_resumes_and_keeps_every_pair_once(tmp_path):
                                                                         "note-5"])
     assert all(record["conversations"] for record in records)
     assert [entry["finished"] for entry in read_jsonl(state_file)[1:]][:len(finished_before)] == finished_before
+
+
+def test_a_resume_drops_the_pairs_of_sources_no_longer_in_the_input(tmp_path):
+    output = tmp_path / "qa.jsonl"
+    with StubEndpoint(grounded_reply) as stub:
+        flags = ["--output_file", str(output), "--api_base", stub.url, "--model", "m"]
+        generate_qa.main(["--input", write_sources(tmp_path, SOURCES[:3])] + flags)
+        stub.server.requests = []
+        generate_qa.main(["--input", write_sources(tmp_path, SOURCES[1:4])] + flags)  # the same file, rewritten
+        assert len(stub.server.requests) == 1  # only the new source
+    assert [record["source_id"] for record in read_jsonl(output)] == ["90000102", "90000103", "90000104"]
+    assert [entry["finished"] for entry in read_jsonl(str(output) + ".state")[1:]] == ["90000102", "90000103",
+                                                                                      "90000104"]
 
 
 def run_tool(args) -> int:
@@ -195,11 +209,11 @@ def test_bad_runs_stop_before_any_work_with_one_line(tmp_path, capsys):
     assert run_tool(["--input", corpus, "--output_file", str(tmp_path / "new.jsonl")]) == 2
     assert "no model to write the pairs" in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"text": "fine, and long enough to count as a source text for the tool to use ok"}\n{"title": 1}\n',
+    bad.write_text('{"text": "fine, and long enough to count as a source text for the tool to use ok"}\n[1, 2]\n',
                    encoding="utf-8")
     assert run_tool(["--input", str(bad), "--output_file", str(tmp_path / "n.jsonl"), "--api_base", "http://x/v1",
                      "--model", "m"]) == 2
-    assert capsys.readouterr().err.startswith(f"error: {bad}:2: ")
+    assert capsys.readouterr().err.strip() == f"error: {bad}:2: a record must be a JSON object, got list"
     with StubEndpoint(grounded_reply) as stub:
         generate_qa.main(["--input", corpus, "--output_file", str(output), "--api_base", stub.url, "--model", "m",
                           "--overwrite", "True"])
@@ -214,7 +228,7 @@ def test_a_local_model_writes_through_the_generation_engine(tiny_model_dir, tmp_
                       "--max_new_tokens", "12", "--batch_size", "3"])
     # A random model writes no pairs: every source is finished, and each reply is counted as dropped.
     assert read_jsonl(output) == []
-    state = read_jsonl(str(output) + ".state.jsonl")
+    state = read_jsonl(str(output) + ".state")
     assert state[0]["settings"]["writer"] == os.path.abspath(tiny_model_dir)
     assert [entry["dropped"] for entry in state[1:]] == [{"reply without question-answer pairs": 1}] * 3
     assert "pairs: 0 kept from 3 sources, 3 dropped" in capsys.readouterr().err

@@ -10,7 +10,7 @@ Sources: JSONL records with "text" (and "pmid"/"id", "title"), or text files wit
 Pairs that fail the checks are dropped and counted by reason: empty or too short, a question that refers
 to "the text", an answer whose words are mostly not in the source (--min_support), a repeated question.
 The output is resumable: run the same command again after an interruption and it carries on where it
-stopped (a state file beside the output records the settings and the finished sources); --overwrite True
+stopped (a state file beside the output, <output>.state, records the settings and the finished sources); --overwrite True
 starts again. A failing endpoint is retried with backoff (--retries), then reported; what was written stays.
 """
 
@@ -70,12 +70,13 @@ def main(argv=None):
     checks = PairChecks(min_support=args.min_support)
     settings = {"input": [os.path.abspath(path) for path in args.input], "writer": model_args.describe(),
                 "format": args.format, "language": args.language, "pairs_per_source": args.pairs_per_source,
-                "min_support": args.min_support, "temperature": model_args.temperature,
-                "max_new_tokens": model_args.max_new_tokens}
+                "min_support": args.min_support, "min_source_words": args.min_source_words,
+                "temperature": model_args.temperature, "max_new_tokens": model_args.max_new_tokens,
+                "repetition_penalty": model_args.repetition_penalty, "template_name": model_args.template_name}
     output = ResumableOutput(args.output_file, settings, args.overwrite)  # checked before the model loads
     writer = WriterModel(model_args)
     try:
-        output.open()
+        output.open({source.id for source in sources})
         dropped = generate_pairs(sources, writer, output, args.language, args.pairs_per_source, checks,
                                  args.format, model_args.batch_size)
     finally:
