@@ -9,6 +9,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from medgpt.data import decode_lines
+from medgpt.dataset_tools import question_answer_record
 from medgpt.errors import InputError
 
 LANGUAGES = ("en", "zh")
@@ -217,9 +218,5 @@ def keeps_findings(original: str, rephrased: str) -> bool:
 
 
 def case_record(case: Case, output_format: str) -> dict:
-    if output_format == "alpaca":
-        record = {"instruction": case.presentation, "input": "", "output": case.assessment}
-    else:
-        record = {"conversations": [{"from": "human", "value": case.presentation},
-                                    {"from": "gpt", "value": case.assessment}]}
-    return {**record, "case_id": case.id, "disease": case.disease, "language": case.language}
+    return question_answer_record(case.presentation, case.assessment, output_format, case_id=case.id,
+                                  disease=case.disease, language=case.language)

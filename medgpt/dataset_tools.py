@@ -21,6 +21,7 @@ from medgpt.data import (
     record_to_preference, record_to_text,
 )
 from medgpt.errors import InputError
+from medgpt.metrics import language_of
 from medgpt.outputs import check_new_output_file
 
 logger = logging.getLogger(__name__)
@@ -293,6 +294,12 @@ def to_alpaca(messages: list[dict], tools) -> dict:
 
 
 WRITERS = {"sharegpt": to_sharegpt, "openai": to_openai, "alpaca": to_alpaca}
+
+
+def question_answer_record(question: str, answer: str, output_format: str, **extra) -> dict:
+    """One question and its answer as a training record in `output_format`, with `extra` keys after it."""
+    messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    return WRITERS[output_format](messages, None) | extra
 NOT_CONVERSATIONS = {"pt": "pretraining text", "preference": "a preference pair", "grpo": "a GRPO / PPO question"}
 
 
@@ -535,44 +542,6 @@ def record_view(record: dict) -> RecordView:
 
 
 LANGUAGE_ROLES = ("user", "assistant", "chosen", "rejected", "answer", "text")
-# A Chinese character carries about as much as a short English word, so it counts as this many Latin
-# letters when the two are compared; a Chinese text with a few English drug names stays Chinese.
-LATIN_LETTERS_PER_CJK = 3
-LANGUAGE_SHARE = 0.7  # the weighted share of CJK (or Latin) letters that makes a text zh (or en)
-
-
-def is_cjk(character: str) -> bool:
-    code = ord(character)
-    return 0x4E00 <= code <= 0x9FFF or 0x3400 <= code <= 0x4DBF or 0xF900 <= code <= 0xFAFF or 0x20000 <= code <= 0x2FA1F
-
-
-def language_of(text: str) -> str:
-    """zh, en, mixed or other, from the CJK characters and Latin letters of the text (weighted as above);
-    other: no letters, or mostly letters of other scripts (Cyrillic, kana, Hangul, ...)."""
-    cjk = latin = others = 0
-    for character in text:
-        if is_cjk(character):
-            cjk += 1
-        elif character.isalpha():
-            if character.isascii() or "LATIN" in _unicode_name(character):
-                latin += 1
-            else:
-                others += 1
-    weighted_cjk = cjk * LATIN_LETTERS_PER_CJK
-    total = weighted_cjk + latin + others
-    if total == 0 or others * 2 > total:
-        return "other"
-    if weighted_cjk >= LANGUAGE_SHARE * total:
-        return "zh"
-    if latin >= LANGUAGE_SHARE * total:
-        return "en"
-    return "mixed"
-
-
-def _unicode_name(character: str) -> str:
-    import unicodedata
-
-    return unicodedata.name(character, "")
 
 
 def describe(values: list) -> dict:

@@ -1,14 +1,18 @@
 """Evaluation metrics as small pure functions: answer overlap (BLEU-4, ROUGE, token F1), multiple-choice
-scoring, perplexity and reward-model pairwise accuracy. Nothing here touches a model."""
+scoring, perplexity and reward-model pairwise accuracy; and the language of a text. Nothing here touches
+a model."""
 
 import functools
 import itertools
 import logging
 import math
 import re
+import unicodedata
 from collections import Counter
 
-CJK_RUN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]+")
+# CJK ideographs: the unified block, extension A, compatibility ideographs, extensions B to F.
+CJK_CHARACTERS = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002fa1f"
+CJK_RUN = re.compile(f"[{CJK_CHARACTERS}]+")
 WORD = re.compile(r"[^\W_]+")
 TOKENIZATION = ("Chinese segmented into words by jieba {jieba}; other text split into lowercased words "
                 "(runs of letters and digits); punctuation dropped")
@@ -26,6 +30,39 @@ def _jieba():
 
     jieba.setLogLevel(logging.WARNING)  # its dictionary-loading messages are not ours to print
     return jieba
+
+
+# A Chinese character carries about as much as a short English word, so it counts as this many Latin
+# letters when the two are compared; a Chinese text with a few English drug names stays Chinese.
+LATIN_LETTERS_PER_CJK = 3
+LANGUAGE_SHARE = 0.7  # the weighted share of CJK (or Latin) letters that makes a text zh (or en)
+
+
+def letter_counts(text: str) -> tuple[int, int, int]:
+    """CJK characters (weighted as Latin letters, above), Latin letters, and letters of other scripts."""
+    cjk = sum(len(run) for run in CJK_RUN.findall(text))
+    latin = others = 0
+    for character in CJK_RUN.sub("", text):
+        if character.isalpha():
+            if character.isascii() or "LATIN" in unicodedata.name(character, ""):
+                latin += 1
+            else:
+                others += 1
+    return cjk * LATIN_LETTERS_PER_CJK, latin, others
+
+
+def language_of(text: str) -> str:
+    """zh, en, mixed or other, from the CJK characters and Latin letters of the text; other: no letters,
+    or mostly letters of other scripts (Cyrillic, kana, Hangul, ...)."""
+    cjk, latin, others = letter_counts(text)
+    total = cjk + latin + others
+    if total == 0 or others * 2 > total:
+        return "other"
+    if cjk >= LANGUAGE_SHARE * total:
+        return "zh"
+    if latin >= LANGUAGE_SHARE * total:
+        return "en"
+    return "mixed"
 
 
 def metric_tokens(text: str) -> list[str]:

@@ -10,8 +10,9 @@ from collections import Counter
 from dataclasses import dataclass
 
 from medgpt.data import RecordError, find_data_files, read_raw_records, record_to_text
+from medgpt.dataset_tools import question_answer_record
 from medgpt.errors import InputError
-from medgpt.metrics import CJK_RUN
+from medgpt.metrics import CJK_RUN, letter_counts
 from medgpt.outputs import atomic_write_text, check_output_file, jsonl_text
 
 logger = logging.getLogger(__name__)
@@ -25,15 +26,11 @@ class Source:
     where: str  # path:line
 
 
-def cjk_share(text: str) -> float:
-    """The share of CJK characters among the letters of `text` (0 for none, 1 for Chinese only)."""
-    cjk = sum(len(run) for run in CJK_RUN.findall(text))
-    latin = sum(character.isascii() and character.isalpha() for character in text)
-    return cjk / (cjk + latin) if cjk + latin else 0.0
-
-
 def text_language(text: str) -> str:
-    return "zh" if cjk_share(text) >= 0.3 else "en"
+    """The language to ask a source's questions in: Chinese where its (weighted) Chinese characters
+    outnumber its Latin letters, else English."""
+    cjk, latin, _ = letter_counts(text)
+    return "zh" if cjk > latin else "en"
 
 
 def read_sources(paths: list[str], min_words: int, report) -> list[Source]:
@@ -205,16 +202,11 @@ class PairChecks:
         return None
 
 
-def pair_record(question: str, answer: str, source: Source, language: str, output_format: str) -> dict:
-    if output_format == "alpaca":
-        record = {"instruction": question, "input": "", "output": answer}
-    else:
-        record = {"conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]}
-    return {**record, "source_id": source.id, "language": language}
-
-
 def record_question(record: dict) -> str:
-    return record["instruction"] if "instruction" in record else record["conversations"][0]["value"]
+    if "instruction" in record:
+        return record["instruction"]
+    turns = record.get("conversations") or record["messages"]
+    return turns[0].get("value", turns[0].get("content"))
 
 
 class ResumableOutput:
@@ -335,7 +327,8 @@ def generate_pairs(sources: list[Source], writer, output: ResumableOutput, langu
                         source_dropped[reason] += 1
                         continue
                     seen_questions.add(normalized_question(question))
-                    records.append(pair_record(question, answer, source, lang, output_format))
+                    records.append(question_answer_record(question, answer, output_format, source_id=source.id,
+                                                          language=lang))
                 output.add(source.id, records, source_dropped)
                 dropped.update(source_dropped)
                 progress.update()

@@ -14,7 +14,7 @@ import pytest
 from conftest import FIXTURES, REPO
 
 from medgpt.data import DataReport, load_records, load_question_splits, record_to_conversation
-from medgpt.dataset_tools import language_of
+from medgpt.metrics import language_of
 from medgpt.errors import InputError
 
 

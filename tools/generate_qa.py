@@ -34,7 +34,7 @@ logger = logging.getLogger("generate_qa")
 class QAArguments:
     input: list[str] = field(default_factory=list, metadata={"help": "Source files or folders."})
     output_file: str | None = field(default=None, metadata={"help": "Where the pairs go (JSONL)."})
-    format: str = field(default="sharegpt", metadata={"help": "Output format.", "choices": ["sharegpt", "alpaca"]})
+    format: str = field(default="sharegpt", metadata={"help": "Output format.", "choices": ["sharegpt", "openai", "alpaca"]})
     language: str = field(default="auto", metadata={
         "help": "Language of the pairs; auto: each source's own.", "choices": ["auto", "en", "zh"]})
     pairs_per_source: int = field(default=3, metadata={"help": "Pairs asked for per source."})

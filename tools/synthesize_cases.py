@@ -37,7 +37,7 @@ class CaseArguments:
     cases_per_disease: int = field(default=10, metadata={"help": "Cases of each disease in each language."})
     language: str = field(default="both", metadata={"help": "Language of the cases.", "choices": ["both", "en", "zh"]})
     seed: int = field(default=42, metadata={"help": "The same seed gives the same cases."})
-    format: str = field(default="sharegpt", metadata={"help": "Output format.", "choices": ["sharegpt", "alpaca"]})
+    format: str = field(default="sharegpt", metadata={"help": "Output format.", "choices": ["sharegpt", "openai", "alpaca"]})
     rephrase: bool = field(default=False, metadata={
         "help": "Have a model (--model_name_or_path or --api_base) reword each presentation."})
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing --output_file."})
