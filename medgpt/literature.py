@@ -57,6 +57,7 @@ PUBMED_SUFFIXES = (".xml", ".xml.gz", ".txt", ".txt.gz", ".nbib", ".medline")
 TAG = re.compile(r"<[^<>]*>")
 # MathML's annotations repeat the formula in another notation (TeX, content MathML): keep one copy.
 MATH_ANNOTATION = re.compile(r"<annotation(?:-xml)?\b[^>]*>.*?</annotation(?:-xml)?>", re.DOTALL)
+WHOLE_ENTITY = re.compile(r"&(?:#\d+|#x[0-9a-fA-F]+|[A-Za-z][A-Za-z0-9]*);")
 YEAR = re.compile(r"\b(1[89]\d\d|2[01]\d\d)\b")
 
 
@@ -72,8 +73,10 @@ def clean_text(value, escaped: bool) -> str:
     (PubMed records sometimes hold a double-escaped '&amp;lt;')."""
     text = "" if value is None else str(value)
     if escaped:
-        text = TAG.sub("", MATH_ANNOTATION.sub("", text))
-        text = html.unescape(text)
+        text = html.unescape(TAG.sub("", MATH_ANNOTATION.sub("", text)))
+        # Only entities written whole (with their ';'): html.unescape alone would also turn text such as
+        # "&para" or "&not" into symbols.
+        return normalise_whitespace(WHOLE_ENTITY.sub(lambda entity: html.unescape(entity.group()), text))
     return normalise_whitespace(html.unescape(text))
 
 
@@ -279,7 +282,12 @@ def read_pubmed_xml(path: str, content: bytes) -> list[Article]:
     for kind, convert in (("PubmedArticle", _journal_article), ("PubmedBookArticle", _book_article)):
         for index, element in enumerate(parsed.get(kind, [])):
             line = starts[kind][index] if index < len(starts[kind]) else "?"
-            articles.append((line if isinstance(line, int) else 0, convert(element, f"{path}:{line}")))
+            try:
+                article = convert(element, f"{path}:{line}")
+            except KeyError as missing:  # the element without the part every PubMed record has
+                raise InputError(f"a {kind} without {missing.args[0]}: not a PubMed record", path,
+                                 line if isinstance(line, int) else None) from None
+            articles.append((line if isinstance(line, int) else 0, article))
     articles.sort(key=lambda pair: pair[0])
     return [article for _, article in articles]
 
@@ -349,8 +357,9 @@ MEDLINE_LABEL = re.compile(r"(?:^|(?<=[.?!)] ))([A-Z][A-Z0-9,/&' -]{2,58}[A-Z]):
 
 
 def _medline_blocks(path: str, content: bytes):
-    """Yield (first line number, lines) for each record: runs of lines between blank lines. A line that is
-    neither a field ('TAG - value', the tag in the first four columns) nor a continuation is an error."""
+    """Yield (first line number, lines) for each record: runs of lines between blank lines, or from one
+    'PMID-' line to the next. A line that is neither a field ('TAG - value', the tag in the first four
+    columns) nor a continuation is an error."""
     content = content.removeprefix(b"\xef\xbb\xbf")
     block, start = [], 0
     for number, raw in enumerate(content.split(b"\n"), start=1):
@@ -363,6 +372,9 @@ def _medline_blocks(path: str, content: bytes):
                 yield start, block
             block = []
             continue
+        if line.startswith("PMID-") and block:  # records that no blank line separates
+            yield start, block
+            block = []
         if line.startswith(CONTINUATION):
             if not block:
                 raise InputError("continuation line with no field before it (MEDLINE records start with "
@@ -433,9 +445,6 @@ class CorpusReport(DataReport):
         for kind, count in self.rejected.most_common():
             text += f"\n  dropped {count} x {kind} (first at {self.examples[kind]})"
         return text
-
-    def log(self) -> None:
-        logger.info(self.summary())
 
 
 def build_corpus(articles, report: CorpusReport, drop_retracted: bool = True) -> list[dict]:

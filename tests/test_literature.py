@@ -337,6 +337,27 @@ def test_other_xml_and_bad_bytes_are_clear_errors(tmp_path):
         read_articles(write(tmp_path / "x.xml.gz", gzip.compress(b"<PubmedArticleSet/>")[:12], "wb"))
 
 
+def test_medline_records_without_a_blank_line_between_them_stay_apart(tmp_path):
+    first, second = read_articles(write(tmp_path / "run-together.txt", (
+        "PMID- 92000011\nTI  - First title.\nAB  - First abstract.\n"
+        "PMID- 92000012\nTI  - Second title.\nAB  - Second abstract.\n")))
+    assert (first.pmid, first.title, first.abstract) == ("92000011", "First title.", "First abstract.")
+    assert (second.pmid, second.abstract, second.source.rsplit(":", 1)[1]) == ("92000012", "Second abstract.", "4")
+
+
+def test_only_whole_entities_are_decoded_and_a_record_without_its_citation_is_an_error(tmp_path):
+    article = journal_article("91000021", "Signs &amp;para; and &amp;not words", "<Abstract><AbstractText>"
+                              "Sodium &amp;lt;135 mmol/L &amp;para 2.</AbstractText></Abstract>")
+    (parsed,) = read_articles(write(tmp_path / "entities.xml", pubmed_xml(article)))
+    assert parsed.title == "Signs ¶ and &not words"
+    assert parsed.abstract == "Sodium <135 mmol/L &para 2."
+    broken = pubmed_xml(MARKUP_ARTICLE, "<PubmedArticle><PubmedData></PubmedData></PubmedArticle>\n")
+    path = write(tmp_path / "no-citation.xml", broken)
+    line = broken.split("\n").index("<PubmedArticle><PubmedData></PubmedData></PubmedArticle>") + 1
+    with pytest.raises(InputError, match=rf"no-citation.xml:{line}: a PubmedArticle without MedlineCitation"):
+        read_articles(path)
+
+
 # ---- fetching from a stub E-utilities server ----
 
 FETCH_IDS = [f"9300000{n}" for n in range(1, 6)]
