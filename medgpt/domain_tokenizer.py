@@ -464,6 +464,8 @@ def extension_report(base_size: int, new_size: int, extension: Extension, before
         "corpus": {"records_read": data_report.read, "records_kept": data_report.kept,
                    "records_rejected": dict(data_report.rejected), "texts": texts},
         "candidates": extension.candidates,
+        "candidates_left_out": {"over the token budget": extension.skipped_over_budget,
+                                "not formed by the merges": extension.skipped_unreachable},
         "settings": settings,
         "tokens": [dict(token.report(), uses=uses[token.token]) for token in extension.tokens],
     }

@@ -118,6 +118,15 @@ def write_jsonl(path: str, records) -> None:
     atomic_write_text(path, jsonl_text(records))
 
 
+def write_jsonl_files(contents: dict[str, list]) -> None:
+    """Files that belong together (a training and a validation split), each as write_jsonl: all are
+    complete under temporary names before the first is renamed into place, so a run stopped while
+    writing leaves all the old files, not a new one beside an old one."""
+    with contextlib.ExitStack() as stack:
+        for path, records in contents.items():
+            stack.enter_context(atomic_write(path)).write(jsonl_text(records))
+
+
 def staging_path(output_dir: str) -> str:
     """A fixed temporary folder inside `output_dir`: on its file system (so files are renamed, not copied,
     into place), in a folder already checked as writable, the same name in every process of a run."""

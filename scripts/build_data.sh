@@ -58,7 +58,8 @@ step "split into training and validation"
   --overwrite True
 tokenizer=()
 if [ -z "$API_BASE" ]; then tokenizer=(--tokenizer "$MODEL"); fi
-"$PYTHON" tools/data_stats.py --input "$OUT/sft" "${tokenizer[@]}" --output_file "$OUT/stats.json" --overwrite True
+# ${a[@]+...}: an empty array under `set -u` is an error in bash before 4.4 (macOS ships 3.2)
+"$PYTHON" tools/data_stats.py --input "$OUT/sft" ${tokenizer[@]+"${tokenizer[@]}"} --output_file "$OUT/stats.json" --overwrite True
 
 step "done"
 cat <<EOF

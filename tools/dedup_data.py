@@ -25,7 +25,7 @@ from medgpt.dataset_tools import (  # noqa: E402
 )
 from medgpt.errors import InputError, exit_on_input_error  # noqa: E402
 from medgpt.near_duplicates import SimilarityArguments, find_duplicates, fingerprints, removed_entry  # noqa: E402
-from medgpt.outputs import write_jsonl  # noqa: E402
+from medgpt.outputs import write_jsonl_files  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def main(argv=None):
     files = input_files(args.input)
     check_jsonl_output(args.output_file, args.overwrite, files)
     if args.removed_file:
-        if os.path.abspath(args.removed_file) == os.path.abspath(args.output_file):
+        if os.path.realpath(args.removed_file) == os.path.realpath(args.output_file):
             raise InputError("--removed_file and --output_file are the same file", args.removed_file)
         check_jsonl_output(args.removed_file, args.overwrite, files, "--removed_file")
 
@@ -70,9 +70,7 @@ def main(argv=None):
     dropped = {duplicate.index for duplicate in duplicates}
     kept = [record.data for index, record in enumerate(records) if index not in dropped]
     tally.kept = len(kept)
-    write_jsonl(args.output_file, kept)
-    if args.removed_file:
-        write_jsonl(args.removed_file, removed)
+    write_jsonl_files({args.output_file: kept, **({args.removed_file: removed} if args.removed_file else {})})
     tally.log()
     logger.info("wrote %d records to %s%s", len(kept), args.output_file,
                 f" and {len(removed)} removed ones to {args.removed_file}" if args.removed_file else "")

@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from medgpt import domain_tokenizer as dt  # noqa: E402
+from medgpt import domain_tokenizer  # noqa: E402
 from medgpt.arguments import at_least, parse_args, require, setup_logging  # noqa: E402
 from medgpt.data import DataReport  # noqa: E402
 from medgpt.errors import InputError, exit_on_input_error  # noqa: E402
@@ -71,34 +71,35 @@ def main(argv=None):
     (args,) = parse_args((ExtendTokenizerArguments,), argv)
     setup_logging()
     model_path = check_model_path(args.model_name_or_path)
-    dt.check_new_model_folder(args.output_dir, args.overwrite)
+    domain_tokenizer.check_new_model_folder(args.output_dir, args.overwrite)
     for path in args.corpus:
         if not os.path.exists(path):
             raise InputError("no such file or folder (--corpus)", path)
-    tokenizer, spec, base = dt.load_base_tokenizer(model_path)
+    tokenizer, spec, base = domain_tokenizer.load_base_tokenizer(model_path)
 
     data_report = DataReport("corpus")
-    texts = dt.read_corpus(args.corpus, data_report)
+    texts = domain_tokenizer.read_corpus(args.corpus, data_report)
     data_report.log()
 
-    learned = dt.learn_domain_bpe(base, texts, args.vocab_size, args.min_frequency, args.max_token_bytes)
-    frequency = dt.piece_frequencies(base, learned, texts)
-    extension = dt.choose_new_tokens(base, spec, frequency, args.num_new_tokens)
+    learned = domain_tokenizer.learn_domain_bpe(base, texts, args.vocab_size, args.min_frequency, args.max_token_bytes)
+    frequency = domain_tokenizer.piece_frequencies(base, learned, texts)
+    extension = domain_tokenizer.choose_new_tokens(base, spec, frequency, args.num_new_tokens)
     if not extension.tokens:
         raise InputError("no new tokens: every piece learned from the corpus is already a token of the base "
                          "model (give more text, or lower --min_frequency)", ", ".join(args.corpus))
-    extended_spec, extended = dt.build_extended_tokenizer(base, spec, extension, texts)
-    before = dt.tokens_per_thousand_characters(base, texts)
-    after = dt.tokens_per_thousand_characters(extended, texts)
-    uses = dt.count_tokens(extended, texts)
+    extended_spec, extended = domain_tokenizer.build_extended_tokenizer(base, spec, extension, texts)
+    before = domain_tokenizer.tokens_per_thousand_characters(base, texts)
+    after = domain_tokenizer.tokens_per_thousand_characters(extended, texts)
+    uses = domain_tokenizer.count_tokens(extended, texts)
 
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype="auto", **hub_kwargs(model_path))
-    new_size = extended.get_vocab_size(with_added_tokens=True)
-    dt.initialise_new_embeddings(model, extension, new_size)
+    # Ids, not entries: a vocabulary with unused ids needs rows up to its largest id.
+    new_size = max(extended.get_vocab(with_added_tokens=True).values()) + 1
+    domain_tokenizer.initialise_new_embeddings(model, extension, new_size)
     settings = {name: getattr(args, name) for name in ("model_name_or_path", "corpus", "num_new_tokens", "vocab_size",
                                                        "min_frequency", "max_token_bytes")}
-    report = dt.extension_report(len(tokenizer), new_size, extension, before, after, uses, data_report, len(texts), settings)
-    dt.save_extended_model(model, tokenizer, extended_spec, report, args.output_dir, texts[:200])
+    report = domain_tokenizer.extension_report(len(tokenizer), new_size, extension, before, after, uses, data_report, len(texts), settings)
+    domain_tokenizer.save_extended_model(model, tokenizer, extended_spec, report, args.output_dir, texts[:200])
 
     unused = sum(1 for token in extension.tokens if not uses[token.token])
     top = Counter({token.text: token.frequency * (len(token.pieces) - 1) for token in extension.tokens if not token.intermediate})
@@ -109,7 +110,7 @@ def main(argv=None):
     logger.info("tokens per 1,000 characters of the corpus: %.1f -> %.1f (%.1f%% fewer)", before, after,
                 100 * (before - after) / before if before else 0.0)
     logger.info("extended model saved to %s (report: %s)", os.path.abspath(args.output_dir),
-                os.path.join(args.output_dir, dt.REPORT_NAME))
+                os.path.join(args.output_dir, domain_tokenizer.REPORT_NAME))
 
 
 if __name__ == "__main__":

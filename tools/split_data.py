@@ -23,7 +23,7 @@ from medgpt.arguments import at_least, parse_args, require, setup_logging  # noq
 from medgpt.dataset_tools import Tally, check_jsonl_output, input_files, read_records, viewed_records  # noqa: E402
 from medgpt.errors import InputError, exit_on_input_error  # noqa: E402
 from medgpt.near_duplicates import SimilarityArguments, choose_validation, duplicate_groups, fingerprints  # noqa: E402
-from medgpt.outputs import write_jsonl  # noqa: E402
+from medgpt.outputs import write_jsonl_files  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def main(argv=None):
     args, similarity = parse_args((SplitArguments, SimilarityArguments), argv)
     setup_logging()
     files = input_files(args.input)
-    if args.train_file and args.validation_file and os.path.abspath(args.train_file) == os.path.abspath(args.validation_file):
+    if args.train_file and args.validation_file and os.path.realpath(args.train_file) == os.path.realpath(args.validation_file):
         raise InputError("--train_file and --validation_file are the same file", args.train_file)
     check_jsonl_output(args.train_file, args.overwrite, files, "--train_file")
     check_jsonl_output(args.validation_file, args.overwrite, files, "--validation_file")
@@ -72,8 +72,7 @@ def main(argv=None):
     train = [record.data for index, record in enumerate(records) if index not in chosen]
     validation = [record.data for index, record in enumerate(records) if index in chosen]
     tally.kept = len(records)
-    write_jsonl(args.train_file, train)
-    write_jsonl(args.validation_file, validation)
+    write_jsonl_files({args.train_file: train, args.validation_file: validation})
     tally.log()
     shared = [group for group in groups if len(group) > 1]
     logger.info("%d groups of near duplicates (%d records, the largest %d) kept whole", len(shared),
