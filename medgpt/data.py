@@ -478,18 +478,25 @@ CONVERTERS = {
 }
 
 
+def file_records(path: str):
+    """Yield (line, record) for one file, a record being a JSON object (dict) or the RecordError that
+    says why that line is not one. A file that cannot be read past some point raises InputError."""
+    for line, value in read_raw_records(path):
+        if not isinstance(value, (dict, RecordError)):
+            value = RecordError("not an object", f"a record must be a JSON object, got {type(value).__name__}")
+        yield line, value
+
+
 def load_records(path: str, kind: str, report: DataReport, skip_invalid: bool, converter=None) -> list[dict]:
     """Read and convert every record under `path`. `kind` names a converter in CONVERTERS, or pass one."""
     convert = converter or CONVERTERS[kind]
     records = []
     for file_path in find_data_files(path):
-        for line, raw in read_raw_records(file_path):
+        for line, raw in file_records(file_path):
             report.read += 1
             try:
                 if isinstance(raw, RecordError):
                     raise raw
-                if not isinstance(raw, dict):
-                    raise RecordError("not an object", f"a record must be a JSON object, got {type(raw).__name__}")
                 converted = convert(raw)
             except RecordError as error:
                 if not skip_invalid:

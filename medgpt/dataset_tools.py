@@ -17,7 +17,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from medgpt.data import (
-    RecordError, find_data_files, parse_tools, question_record, read_raw_records, record_to_conversation,
+    RecordError, file_records, find_data_files, parse_tools, question_record, record_to_conversation,
     record_to_preference, record_to_text,
 )
 from medgpt.errors import InputError
@@ -81,20 +81,6 @@ def progress(items, description: str, total: int | None = None):
 
 
 # ---- reading ----
-
-
-def not_an_object(value) -> RecordError:
-    # The same words as medgpt.data.load_records, so a tool and a training run say the same thing.
-    return RecordError("not an object", f"a record must be a JSON object, got {type(value).__name__}")
-
-
-def file_records(path: str):
-    """Yield (line, record) for one file, a record being a dict or the RecordError that says why it is
-    not one. A file that cannot be read past some point raises InputError (as in training)."""
-    for line, value in read_raw_records(path):
-        if not isinstance(value, (dict, RecordError)):
-            value = not_an_object(value)
-        yield line, value
 
 
 def input_files(paths) -> list[str]:

@@ -41,7 +41,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-from medgpt.data import DataReport, RecordError, find_data_files, read_raw_records, record_to_messages, record_to_text
+from medgpt.data import DataReport, RecordError, file_records, find_data_files, record_to_messages, record_to_text
 from medgpt.errors import InputError
 from medgpt.modeling import hub_kwargs
 from medgpt.outputs import atomic_write_text, check_output_dir, is_model_file, publish_model_folder, staging_folder
@@ -53,8 +53,6 @@ logger = logging.getLogger(__name__)
 
 def record_texts(record) -> list[str]:
     """The text of one record: a plain text line or {"text"} record, or every message of a conversation."""
-    if not isinstance(record, dict):
-        raise RecordError("not an object", f"a record must be a JSON object, got {type(record).__name__}")
     if "text" in record:
         return [record_to_text(record)]
     return [message["content"] for message in record_to_messages(record) if message["content"].strip()]
@@ -66,7 +64,7 @@ def read_corpus(paths: list[str], report: DataReport) -> list[str]:
     files = [file for path in paths for file in find_data_files(path)]
     with tqdm(desc="reading the corpus", unit=" records") as progress:
         for file in files:
-            for line, raw in read_raw_records(file):
+            for line, raw in file_records(file):
                 report.read += 1
                 progress.update()
                 try:

@@ -9,7 +9,7 @@ import string
 from collections import Counter
 from dataclasses import dataclass
 
-from medgpt.data import RecordError, find_data_files, read_raw_records, record_to_text
+from medgpt.data import RecordError, file_records, find_data_files, record_to_text
 from medgpt.dataset_tools import question_answer_record
 from medgpt.errors import InputError
 from medgpt.metrics import CJK_RUN, letter_counts
@@ -41,15 +41,12 @@ def read_sources(paths: list[str], min_words: int, report) -> list[Source]:
     sources, seen_texts, seen_ids = [], set(), set()
     for path in paths:
         for file_path in find_data_files(path):
-            for line, raw in read_raw_records(file_path):
+            for line, record in file_records(file_path):
                 where = f"{file_path}:{line}"
                 report.read += 1
                 try:
-                    if isinstance(raw, RecordError):
-                        raise raw
-                    if not isinstance(raw, dict):
-                        raise RecordError("not an object", f"a record must be a JSON object, got {type(raw).__name__}")
-                    record = raw
+                    if isinstance(record, RecordError):
+                        raise record
                     text = record_to_text(record).strip()
                 except RecordError as error:
                     raise InputError(str(error), file_path, line) from None
