@@ -48,7 +48,8 @@ class StubHandler(BaseHTTPRequestHandler):
         for start in range(0, len(answer), 7):
             chunk = {"choices": [{"index": 0, "delta": {"content": answer[start:start + 7]}}]}
             self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
-        self.wfile.write(b"data: [DONE]\n\n")
+        usage = {"choices": [], "usage": {"completion_tokens": 7, "prompt_tokens": 20, "total_tokens": 27}}
+        self.wfile.write(f"data: {json.dumps(usage)}\n\ndata: [DONE]\n\n".encode())
 
 
 class StubEndpoint:

@@ -5,8 +5,6 @@ import json
 import math
 import os
 import socket
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
@@ -16,6 +14,7 @@ from conftest import REPO, run_script, tiny_training_flags
 from medgpt.eval_data import ChoiceQuestion
 from medgpt.evaluation import chart_size, metric_table, score_choices_by_loglikelihood, summaries
 from medgpt.generation import ChatModel, InferenceModelArguments
+from openai_stub import StubEndpoint
 
 CHOICE_RECORDS = [
     {"id": "c1", "subject": "cardiology", "question": "Which vessel brings oxygenated blood to the heart?",
@@ -43,52 +42,16 @@ def write_jsonl(path, records) -> str:
     return str(path)
 
 
-class StubEndpoint(BaseHTTPRequestHandler):
-    """Speaks OpenAI's chat completions, streamed: answers "Answer: B" to multiple-choice prompts and the
-    reference answer to the open questions, in pieces of a few characters."""
-
-    protocol_version = "HTTP/1.0"
-    requests_seen: list = []
-
-    def log_message(self, *args):
-        pass
-
-    def _json(self, status: int, body: dict) -> None:
-        payload = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def do_GET(self):
-        if self.path != "/v1/models":
-            return self._json(404, {"error": {"message": "not found"}})
-        self._json(200, {"object": "list", "data": [{"id": "stub-doctor", "object": "model"}]})
-
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        StubEndpoint.requests_seen.append(body)
-        question = body["messages"][-1]["content"]
-        references = {record["question"]: record["reference"] for record in OPEN_RECORDS}
-        answer = references.get(question, "Answer: B")
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.end_headers()
-        for start in range(0, len(answer), 5):
-            chunk = {"choices": [{"index": 0, "delta": {"content": answer[start:start + 5]}}]}
-            self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
-        usage = {"choices": [], "usage": {"completion_tokens": 7, "prompt_tokens": 20, "total_tokens": 27}}
-        self.wfile.write(f"data: {json.dumps(usage)}\n\ndata: [DONE]\n\n".encode())
+def stub_reply(question: str) -> str:
+    """The stub endpoint's answer: the reference answer to an open question, "Answer: B" to the rest."""
+    references = {record["question"]: record["reference"] for record in OPEN_RECORDS}
+    return references.get(question, "Answer: B")
 
 
 @pytest.fixture(scope="module")
 def endpoint():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), StubEndpoint)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}/v1"
-    server.shutdown()
+    with StubEndpoint(stub_reply, model_name="stub-doctor") as stub:
+        yield stub
 
 
 def test_two_local_models_and_an_endpoint_in_one_run(tiny_model_dir, random_adapter, endpoint, tmp_path):
@@ -97,7 +60,7 @@ def test_two_local_models_and_an_endpoint_in_one_run(tiny_model_dir, random_adap
     out = tmp_path / "eval"
     evaluate_models.main([
         "--models", f"base={tiny_model_dir}", f"adapted={tiny_model_dir}+{random_adapter}",
-        "--api_base", endpoint, "--api_key", "secret", "--api_models", "reference=stub-doctor",
+        "--api_base", endpoint.url, "--api_key", "secret", "--api_models", "reference=stub-doctor",
         "--mc_file", choice_file, "--open_file", open_file,
         "--ppl_conversation_file", os.path.join(REPO, "data", "eval", "finetune"), "--max_questions", "4",
         "--template_name", "chatml", "--max_new_tokens", "8", "--latency_questions", "1", "--output_dir", str(out),
@@ -122,7 +85,7 @@ def test_two_local_models_and_an_endpoint_in_one_run(tiny_model_dir, random_adap
         assert reference["open"][name] == pytest.approx(100.0)
     assert reference["open"]["first_token_seconds"] > 0
     assert "perplexity" not in reference
-    assert StubEndpoint.requests_seen[-1]["temperature"] == 0
+    assert endpoint.server.requests[-1]["temperature"] == 0
 
     for label in ("base", "adapted"):
         result = models[label]
@@ -253,7 +216,7 @@ def test_a_model_given_nothing_it_can_be_scored_on_is_refused_before_any_work(en
     text_file = tmp_path / "notes.txt"
     text_file.write_text("Hypertension raises the risk of stroke.\n", encoding="utf-8")
     with pytest.raises(SystemExit) as stop:
-        evaluate_models.main(["--api_base", endpoint, "--api_models", "stub-doctor", "--ppl_text_file", str(text_file),
+        evaluate_models.main(["--api_base", endpoint.url, "--api_models", "stub-doctor", "--ppl_text_file", str(text_file),
                               "--output_dir", str(tmp_path / "eval")])
     assert stop.value.code == 2
     assert "model 'stub-doctor' is an endpoint model: it is scored on --mc_file, --open_file" in capsys.readouterr().err
