@@ -80,6 +80,21 @@ def progress(items, description: str, total: int | None = None):
     return tqdm(items, desc=description, total=total, unit=" records", disable=None)
 
 
+@dataclass
+class RecordFilesArguments:
+    """The options every dataset tool shares: where the records are, what to do with bad ones, and
+    whether existing outputs may be replaced."""
+
+    input: list[str] = field(default_factory=list, metadata={"help": "Data files or folders (.jsonl/.json/.txt)."})
+    skip_invalid: bool = field(default=False, metadata={
+        "help": "Drop records training would reject (and count them by reason) instead of stopping at the first."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace existing output files."})
+
+    def __post_init__(self):
+        if not self.input:
+            raise InputError("--input is required")
+
+
 # ---- reading ----
 
 

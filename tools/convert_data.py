@@ -22,28 +22,20 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from medgpt.arguments import parse_args, setup_logging  # noqa: E402
 from medgpt.dataset_tools import (  # noqa: E402
-    FORMATS, Tally, check_jsonl_output, convert_records, input_files, read_records, require_records,
+    RecordFilesArguments, FORMATS, Tally, check_jsonl_output, convert_records, input_files, read_records, require_records,
 )
-from medgpt.errors import InputError, exit_on_input_error  # noqa: E402
+from medgpt.errors import exit_on_input_error  # noqa: E402
 from medgpt.outputs import write_jsonl  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class ConvertArguments:
-    input: list[str] = field(default_factory=list, metadata={"help": "Data files or folders (.jsonl/.json/.txt)."})
+class ConvertArguments(RecordFilesArguments):
     output_file: str | None = field(default=None, metadata={"help": "The converted records (.jsonl)."})
     to: str = field(default="sharegpt", metadata={"help": "Target format.", "choices": list(FORMATS)})
     strict: bool = field(default=False, metadata={
         "help": "A record the target format cannot hold is an error instead of a counted, logged omission."})
-    skip_invalid: bool = field(default=False, metadata={
-        "help": "Drop records training would reject (and count them by reason) instead of stopping at the first."})
-    overwrite: bool = field(default=False, metadata={"help": "Replace an existing --output_file."})
-
-    def __post_init__(self):
-        if not self.input:
-            raise InputError("--input is required")
 
 
 @exit_on_input_error

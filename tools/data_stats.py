@@ -20,26 +20,18 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from medgpt.arguments import parse_args, setup_logging  # noqa: E402
 from medgpt.dataset_tools import (  # noqa: E402
-    Tally, check_not_an_input, dataset_stats, input_files, load_tokenizer, read_records, stats_table, viewed_records,
+    RecordFilesArguments, Tally, check_not_an_input, dataset_stats, input_files, load_tokenizer, read_records, stats_table, viewed_records,
 )
-from medgpt.errors import InputError, exit_on_input_error  # noqa: E402
+from medgpt.errors import exit_on_input_error  # noqa: E402
 from medgpt.outputs import atomic_write_text, check_new_output_file  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class StatsArguments:
-    input: list[str] = field(default_factory=list, metadata={"help": "Data files or folders (.jsonl/.json/.txt)."})
+class StatsArguments(RecordFilesArguments):
     tokenizer: str | None = field(default=None, metadata={"help": "A model or tokenizer folder: also count tokens."})
     output_file: str | None = field(default=None, metadata={"help": "Also write the statistics as JSON here."})
-    skip_invalid: bool = field(default=False, metadata={
-        "help": "Leave out records training would reject (and count them by reason) instead of stopping at the first."})
-    overwrite: bool = field(default=False, metadata={"help": "Replace an existing --output_file."})
-
-    def __post_init__(self):
-        if not self.input:
-            raise InputError("--input is required")
 
 
 @exit_on_input_error

@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from medgpt.arguments import parse_args, setup_logging  # noqa: E402
 from medgpt.dataset_tools import (  # noqa: E402
-    Tally, check_jsonl_output, input_files, read_records, require_records, viewed_records,
+    RecordFilesArguments, Tally, check_jsonl_output, input_files, read_records, require_records, viewed_records,
 )
 from medgpt.errors import InputError, exit_on_input_error  # noqa: E402
 from medgpt.near_duplicates import SimilarityArguments, find_duplicates, fingerprints, removed_entry  # noqa: E402
@@ -31,19 +31,11 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class DedupArguments:
-    input: list[str] = field(default_factory=list, metadata={"help": "Data files or folders (.jsonl/.json/.txt)."})
+class DedupArguments(RecordFilesArguments):
     output_file: str | None = field(default=None, metadata={"help": "The records kept (.jsonl)."})
     removed_file: str | None = field(default=None, metadata={
         "help": "Also write the records removed (.jsonl), each with where it was and the path:line (and id) of "
                 "the record it duplicates."})
-    skip_invalid: bool = field(default=False, metadata={
-        "help": "Drop records training would reject (and count them by reason) instead of stopping at the first."})
-    overwrite: bool = field(default=False, metadata={"help": "Replace existing output files."})
-
-    def __post_init__(self):
-        if not self.input:
-            raise InputError("--input is required")
 
 
 @exit_on_input_error

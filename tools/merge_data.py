@@ -22,16 +22,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from medgpt.arguments import parse_args, require, setup_logging  # noqa: E402
 from medgpt.data import find_data_files  # noqa: E402
 from medgpt.dataset_tools import (  # noqa: E402
-    FORMATS, Tally, check_jsonl_output, convert_records, read_records, require_records, viewed_records, weighted_sample,
+    RecordFilesArguments, FORMATS, Tally, check_jsonl_output, convert_records, read_records, require_records, viewed_records, weighted_sample,
 )
-from medgpt.errors import InputError, exit_on_input_error  # noqa: E402
+from medgpt.errors import exit_on_input_error  # noqa: E402
 from medgpt.outputs import write_jsonl  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class MergeArguments:
+class MergeArguments(RecordFilesArguments):
     input: list[str] = field(default_factory=list, metadata={"help": "Sources: data files or folders, one source each."})
     weights: list[float] = field(default_factory=list, metadata={
         "help": "One sampling weight per source (default: 1 each): 0.5 a random half, 2 twice, 2.5 twice and a half."})
@@ -41,13 +41,9 @@ class MergeArguments:
     seed: int = field(default=42, metadata={"help": "Seed of the weighted sampling and the shuffle."})
     strict: bool = field(default=False, metadata={
         "help": "A record the target format cannot hold is an error instead of a counted, logged omission."})
-    skip_invalid: bool = field(default=False, metadata={
-        "help": "Drop records training would reject (and count them by reason) instead of stopping at the first."})
-    overwrite: bool = field(default=False, metadata={"help": "Replace an existing --output_file."})
 
     def __post_init__(self):
-        if not self.input:
-            raise InputError("--input is required")
+        super().__post_init__()
         if not self.weights:
             self.weights = [1.0] * len(self.input)
         require(len(self.weights) == len(self.input), "weights", f"needs one weight per --input source "

@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the medgpt package beside tools/
 
 from medgpt.arguments import at_least, parse_args, require, setup_logging  # noqa: E402
-from medgpt.dataset_tools import Tally, check_jsonl_output, input_files, read_records, viewed_records  # noqa: E402
+from medgpt.dataset_tools import (  # noqa: E402
+    RecordFilesArguments, Tally, check_jsonl_output, input_files, read_records, viewed_records,
+)
 from medgpt.errors import InputError, exit_on_input_error  # noqa: E402
 from medgpt.near_duplicates import SimilarityArguments, choose_validation, duplicate_groups, fingerprints  # noqa: E402
 from medgpt.outputs import write_jsonl_files  # noqa: E402
@@ -29,20 +31,15 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class SplitArguments:
-    input: list[str] = field(default_factory=list, metadata={"help": "Data files or folders (.jsonl/.json/.txt)."})
+class SplitArguments(RecordFilesArguments):
     train_file: str | None = field(default=None, metadata={"help": "Where the training records go (.jsonl)."})
     validation_file: str | None = field(default=None, metadata={"help": "Where the validation records go (.jsonl)."})
     validation_ratio: float = field(default=0.1, metadata={"help": "Share of the records for validation, in (0, 1)."})
     validation_size: int | None = field(default=None, metadata={"help": "A number of validation records instead of a ratio."})
     seed: int = field(default=42, metadata={"help": "Seed of the choice of validation groups."})
-    skip_invalid: bool = field(default=False, metadata={
-        "help": "Drop records training would reject (and count them by reason) instead of stopping at the first."})
-    overwrite: bool = field(default=False, metadata={"help": "Replace existing output files."})
 
     def __post_init__(self):
-        if not self.input:
-            raise InputError("--input is required")
+        super().__post_init__()
         require(0 < self.validation_ratio < 1, "validation_ratio", "must be in (0, 1)", self.validation_ratio)
         at_least(self, "validation_size", 1)
 
