@@ -13,6 +13,7 @@ from medgpt.dataset_tools import question_answer_record
 from medgpt.errors import InputError
 
 LANGUAGES = ("en", "zh")
+PERSON = {(False, False): "man", (True, False): "woman", (False, True): "boy", (True, True): "girl"}  # (female, child)
 TEXT_LISTS = {"symptoms": 2, "signs": 1, "treatments": 1, "differential": 1}  # list -> fewest entries
 TEXTS = ("name", "inheritance", "specialist")
 
@@ -28,7 +29,7 @@ def _items_with_lines(content: str, array_key: str, path: str) -> list[tuple[int
     """The entries of the top-level array `array_key`, each with the line it starts on."""
     match = re.search(re.escape(json.dumps(array_key)) + r"\s*:\s*\[", content)
     if match is None:
-        raise InputError(f'no "{array_key}" list in the knowledge graph', path, 1)
+        raise InputError(f'no "{array_key}" list in the knowledge graph (the file holds {{"{array_key}": [...]}})', path, 1)
     decoder, position, items = json.JSONDecoder(), match.end(), []
     while True:
         while position < len(content) and content[position] in " \t\r\n,":
@@ -178,7 +179,7 @@ def sample_case(disease: Disease, language: str, rng: random.Random, number: int
                       f"{'；'.join(pick(signs))}。需要鉴别的疾病：{_join(pick(record['differential']), language)}。"
                       f"处理：{'；'.join(pick(treatments))}。请到{specialist}确诊，并在医生指导下治疗和随访。")
     else:
-        presentation = (f"Patient: {age}-year-old {'woman' if female else 'man'}. Symptoms: {'; '.join(pick(symptoms))}. "
+        presentation = (f"Patient: {age}-year-old {PERSON[female, age < 18]}. Symptoms: {'; '.join(pick(symptoms))}. "
                         f"Examination: {'; '.join(pick(signs))}. Test results: {'; '.join(results)}.")
         assessment = (f"These findings point to {name}. Cause: {record['inheritance'][language]}. In support: "
                       f"{'; '.join(key_results)}; {'; '.join(pick(signs))}. Conditions to rule out: "

@@ -155,16 +155,21 @@ def require_records(records: list, tally: Tally | None, where: str) -> None:
 
 
 def check_jsonl_output(path: str | None, overwrite: bool, files: list[str], flag: str = "--output_file") -> None:
-    """Before any work: a new (or --overwrite) JSON lines file that is none of the input files. A .txt or
-    .json name is refused: training would read JSON lines under a .txt name as plain text."""
+    """Before any work: a new (or --overwrite) JSON lines file that is none of the input files."""
     check_new_output_file(path, overwrite, flag)
+    check_jsonl_path(path, files, flag)
+
+
+def check_jsonl_path(path: str, files: list[str], flag: str = "--output_file") -> None:
+    """A .jsonl name that is none of the input files. A .txt or .json name is refused: training would read
+    JSON lines under a .txt name as plain text."""
     if not path.endswith(".jsonl"):
         raise InputError(f"{flag} must be a .jsonl file (one JSON record a line)", path)
     check_not_an_input(path, files, flag)
 
 
 def check_not_an_input(path: str, files: list[str], flag: str = "--output_file") -> None:
-    if os.path.exists(path) and any(os.path.samefile(path, name) for name in files):
+    if os.path.exists(path) and any(os.path.exists(name) and os.path.samefile(path, name) for name in files):
         raise InputError(f"{flag} is one of the input files, which it would replace: write elsewhere", path)
 
 

@@ -34,5 +34,9 @@ def exit_on_input_error(main):
                     handler.flush()
             print(f"error: {error}", file=sys.stderr)
             sys.exit(2)
+        except KeyboardInterrupt:
+            # What was written is whole (results are renamed into place; resumable tools say how to go on).
+            print("\ninterrupted", file=sys.stderr)
+            sys.exit(130)
 
     return wrapper

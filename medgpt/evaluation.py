@@ -303,6 +303,9 @@ class EndpointError(Exception):
     pass
 
 
+STREAM_CUT = "the answer's stream ended before it was complete"
+
+
 class EndpointGenerator:
     """Answers from an OpenAI-compatible chat completions endpoint (greedy unless a temperature is given),
     streamed to time the first token."""
@@ -345,7 +348,7 @@ class EndpointGenerator:
 
         body = {"model": self.model, "messages": messages, "max_tokens": max_new_tokens, "temperature": self.temperature,
                 "stream": True, "stream_options": {"include_usage": True}}
-        started, first, pieces, usage, streamed = time.perf_counter(), None, [], None, False
+        started, first, pieces, usage, streamed, done = time.perf_counter(), None, [], None, False, False
         with self.client.stream("POST", f"{self.url}/chat/completions", json=body) as response:
             if response.status_code != 200:
                 response.read()
@@ -355,6 +358,7 @@ class EndpointGenerator:
                     continue
                 data, streamed = line[5:].strip(), True
                 if data == "[DONE]":
+                    done = True
                     break
                 try:
                     chunk = json.loads(data)
@@ -372,6 +376,8 @@ class EndpointGenerator:
                         pieces.append(piece)
             if not streamed:
                 raise EndpointError("the endpoint did not stream its answer (no 'data:' lines)")
+            if not done:  # the connection closed mid-answer: what came is a cut-off answer
+                raise EndpointError(f"{STREAM_CUT} (no 'data: [DONE]')")
         finished = time.perf_counter()
         tokens = (usage or {}).get("completion_tokens") or len(pieces)
         return Generated("".join(pieces).strip(), tokens, (first or finished) - started, finished - started)
@@ -384,9 +390,11 @@ class EndpointGenerator:
             try:
                 return self._stream(messages, max_new_tokens)
             except (httpx.HTTPError, httpx.InvalidURL, EndpointError) as error:
-                retriable = isinstance(error, httpx.TransportError) or re.match(r"HTTP (5\d\d|429)", str(error))
+                retriable = (isinstance(error, httpx.TransportError) or re.match(r"HTTP (5\d\d|429)", str(error))
+                             or str(error).startswith(STREAM_CUT))
                 if not retriable or attempt == self.retries:
-                    raise InputError(f"the endpoint failed on model {self.model}: {error}", self.url) from None
+                    hint = ": pass --api_key or set $OPENAI_API_KEY" if re.match(r"HTTP 40[13]", str(error)) else ""
+                    raise InputError(f"the endpoint failed on model {self.model}: {error}{hint}", self.url) from None
                 # rate limits ("HTTP 429") need longer than a dropped connection
                 time.sleep((5.0 if str(error).startswith("HTTP 429") else 0.5) * 2**attempt)
 

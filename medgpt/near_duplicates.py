@@ -72,8 +72,9 @@ def lsh_bands(threshold: float, num_perm: int) -> tuple[int, int]:
     """(bands, rows per band) of the LSH index: the most rows per band (the fewest pairs to check) with
     which a pair right at the threshold is still a candidate with probability LSH_RECALL; more similar
     pairs are found more surely still. datasketch's own choice balances misses against extra candidates
-    and misses more than half of the pairs at the threshold; extra candidates cost only a comparison."""
-    for rows in range(num_perm, 0, -1):
+    and misses more than half of the pairs at the threshold; extra candidates cost only a comparison.
+    At least two bands: datasketch's index needs them (one band of every row would do at threshold 1)."""
+    for rows in range(num_perm // 2, 0, -1):
         bands = num_perm // rows
         if 1 - (1 - threshold**rows) ** bands >= LSH_RECALL:
             return bands, rows

@@ -216,6 +216,8 @@ class ResumableOutput:
         """Check where the output goes and whether it resumes (before any work); nothing is written yet."""
         check_output_file(path)
         self.path, self.state_path, self.settings = path, path + ".state", settings
+        if os.path.isdir(self.state_path):
+            raise InputError("a folder has the state file's name: move it, or write elsewhere", self.state_path)
         self.finished: dict[str, dict] = {}
         self.records: list[dict] = []
         self.resuming = not overwrite and (os.path.exists(path) or os.path.exists(self.state_path))

@@ -24,7 +24,8 @@ class WriterModelArguments:
     model: str | None = field(default=None, metadata={"help": "The endpoint's model name (with --api_base)."})
     concurrency: int = field(default=4, metadata={"help": "Requests in flight at once to the endpoint."})
     retries: int = field(default=3, metadata={"help": "Retries of a failed endpoint request, with backoff."})
-    timeout: float = field(default=120.0, metadata={"help": "Seconds to wait for one endpoint answer."})
+    timeout: float = field(default=120.0, metadata={
+        "help": "Seconds to wait for the endpoint to connect or to send the next piece of an answer."})
     batch_size: int = field(default=8, metadata={
         "help": "Prompts per round: decoded together by a local model; progress is saved after each round."})
     max_new_tokens: int = field(default=384, metadata={"help": "Longest answer the model may write."})
@@ -65,6 +66,7 @@ class WriterModel:
             self.endpoint = EndpointGenerator(args.api_base, args.api_key or os.environ.get("OPENAI_API_KEY"),
                                               args.model, args.concurrency, args.timeout, args.retries,
                                               args.temperature)
+            self.endpoint.served_models()  # unreachable, or refusing the key: one line now, before any work
             self.chat_model = None
         else:
             from medgpt.generation import ChatModel, InferenceModelArguments

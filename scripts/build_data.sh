@@ -20,6 +20,8 @@ PAIRS_PER_SOURCE=${PAIRS_PER_SOURCE:-3}
 CASES_PER_DISEASE=${CASES_PER_DISEASE:-10}
 VALIDATION_RATIO=${VALIDATION_RATIO:-0.1}
 SEED=${SEED:-42}
+TEMPLATE=${TEMPLATE:-chatml}   # the template and token limit SFT will use, for the length check
+MAX_LENGTH=${MAX_LENGTH:-1024}
 
 if [ -n "$API_BASE" ]; then
   [ -n "$API_MODEL" ] || { echo "error: API_BASE needs API_MODEL, the endpoint's model name" >&2; exit 2; }
@@ -35,7 +37,9 @@ step() { echo; echo "== $1 ($(( $(date +%s) - start )) s)"; }
 step "pretraining corpus from $ABSTRACTS"
 "$PYTHON" tools/pubmed_corpus.py --input "$ABSTRACTS" --output_file "$OUT/pretrain/corpus.jsonl" --overwrite True
 
-step "question-answer pairs from the corpus (${API_BASE:+$API_MODEL at $API_BASE}${API_BASE:-$MODEL})"
+writer_name=$MODEL
+if [ -n "$API_BASE" ]; then writer_name="$API_MODEL at $API_BASE"; fi
+step "question-answer pairs from the corpus ($writer_name; delete $OUT/qa.jsonl* to write them afresh)"
 "$PYTHON" tools/generate_qa.py --input "$OUT/pretrain/corpus.jsonl" --output_file "$OUT/qa.jsonl" \
   --pairs_per_source "$PAIRS_PER_SOURCE" "${writer[@]}"
 
@@ -50,7 +54,10 @@ if [ -n "$EXTRA_SFT" ]; then sources+=("$EXTRA_SFT"); fi
   --output_file "$OUT/merged.jsonl" --overwrite True
 "$PYTHON" tools/dedup_data.py --input "$OUT/merged.jsonl" --output_file "$OUT/deduplicated.jsonl" \
   --removed_file "$OUT/removed.jsonl" --overwrite True
-"$PYTHON" tools/validate_data.py --input "$OUT/deduplicated.jsonl" --kind sft
+# With the local model's tokenizer: also which conversations SFT would cut at MAX_LENGTH tokens
+length_check=()
+if [ -z "$API_BASE" ]; then length_check=(--tokenizer "$MODEL" --template_name "$TEMPLATE" --max_length "$MAX_LENGTH"); fi
+"$PYTHON" tools/validate_data.py --input "$OUT/deduplicated.jsonl" --kind sft ${length_check[@]+"${length_check[@]}"}
 
 step "split into training and validation"
 "$PYTHON" tools/split_data.py --input "$OUT/deduplicated.jsonl" --validation_ratio "$VALIDATION_RATIO" \
@@ -65,5 +72,5 @@ step "done"
 cat <<EOF
 Train on it:
   TRAIN_DIR=$OUT/pretrain bash scripts/run_pt.sh
-  TRAIN_DIR=$OUT/sft EVAL_DIR=$OUT/sft_validation bash scripts/run_sft.sh
+  TRAIN_DIR=$OUT/sft EVAL_DIR=$OUT/sft_validation MAX_LENGTH=$MAX_LENGTH bash scripts/run_sft.sh
 EOF

@@ -22,6 +22,8 @@ class StubHandler(BaseHTTPRequestHandler):
         self.wfile.write(payload)
 
     def do_GET(self):
+        if self.server.mode == "unauthorized":
+            return self._json(401, {"error": {"message": "invalid api key"}})
         if self.path != "/v1/models":
             return self._json(404, {"error": {"message": "not found"}})
         self._json(200, {"object": "list", "data": [{"id": self.server.model_name, "object": "model"}]})
@@ -34,6 +36,8 @@ class StubHandler(BaseHTTPRequestHandler):
         time.sleep(server.delay)
         if server.mode == "error":
             return self._json(500, {"error": {"message": "the stub is down"}})
+        if server.mode == "unauthorized":
+            return self._json(401, {"error": {"message": "invalid api key"}})
         if server.mode == "not_json":
             payload = b"<html><body>502 Bad Gateway</body></html>"
             self.send_response(200)
@@ -45,17 +49,22 @@ class StubHandler(BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.end_headers()
+        if server.mode == "cut":  # half the answer, then the connection closes without [DONE]
+            answer = answer[:len(answer) // 2]
         for start in range(0, len(answer), 7):
             chunk = {"choices": [{"index": 0, "delta": {"content": answer[start:start + 7]}}]}
             self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        if server.mode == "cut":
+            return
         usage = {"choices": [], "usage": {"completion_tokens": 7, "prompt_tokens": 20, "total_tokens": 27}}
         self.wfile.write(f"data: {json.dumps(usage)}\n\ndata: [DONE]\n\n".encode())
 
 
 class StubEndpoint:
     """`with StubEndpoint(reply) as stub:` serves on loopback; `stub.url` is the /v1 base address,
-    `stub.server.requests` every request body received; set `stub.server.mode` to "error" (HTTP 500)
-    or "not_json" (an HTML page), and `stub.server.delay` to slow each answer down."""
+    `stub.server.requests` every request body received; set `stub.server.mode` to "error" (HTTP 500),
+    "unauthorized" (HTTP 401), "not_json" (an HTML page) or "cut" (half an answer, then the connection
+    closes), and `stub.server.delay` to slow each answer down."""
 
     def __init__(self, reply, model_name: str = "stub-writer"):
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), StubHandler)

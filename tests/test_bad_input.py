@@ -263,3 +263,16 @@ def test_a_missing_model_folder_fails_at_once_without_asking_the_hub(script, fla
         assert RecordingHandler.requests == []
     finally:
         server.shutdown()
+
+
+def test_ctrl_c_ends_a_program_with_one_line_and_status_130(capsys):
+    from medgpt.errors import exit_on_input_error
+
+    @exit_on_input_error
+    def interrupted_main():
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as exit_info:
+        interrupted_main()
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err.strip() == "interrupted"

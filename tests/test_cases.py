@@ -45,8 +45,9 @@ def test_every_case_agrees_with_its_disease_in_the_graph():
             sex = "female" if case.presentation.startswith("患者信息：女") else "male"
             age = int(case.presentation.split("岁")[0].split("，")[-1])
         else:
-            sex = "female" if "-year-old woman" in case.presentation else "male"
             age = int(case.presentation.split("-year-old")[0].split()[-1])
+            sex = "female" if ("-year-old woman" in case.presentation or "-year-old girl" in case.presentation) else "male"
+            assert ("-year-old boy" in case.presentation or "-year-old girl" in case.presentation) == (age < 18)
         assert disease["onset_age"][0] <= age <= disease["onset_age"][1]
         for test in disease["tests"]:
             shown = f"{test['name'][language]}{'：' if language == 'zh' else ': '}{test['result'][language]}"
@@ -59,7 +60,8 @@ def test_every_case_agrees_with_its_disease_in_the_graph():
         symptoms = [symptom[language] for symptom in disease["symptoms"] if symptom[language] in case.presentation]
         assert len(symptoms) == 3
         assert disease["specialist"][language] in case.assessment
-    fabry_women = [case for case in cases if case.disease == "fabry_disease" and "-year-old woman" in case.presentation]
+    fabry_women = [case for case in cases if case.disease == "fabry_disease"
+                   and ("-year-old woman" in case.presentation or "-year-old girl" in case.presentation)]
     assert fabry_women and all("below 5% of normal" not in case.presentation for case in fabry_women)
     assert all("GLA gene testing: a disease-causing variant" in case.presentation for case in fabry_women)
 
@@ -111,6 +113,12 @@ def test_broken_json_and_an_existing_output_are_refused(tmp_path, capsys):
         tool.main(["--output_file", str(existing)])
     assert "already holds results" in capsys.readouterr().err
     assert existing.read_text(encoding="utf-8") == "old\n"
+    graph_copy = tmp_path / "graph.jsonl"
+    graph_copy.write_text(open(SHIPPED_GRAPH, encoding="utf-8").read(), encoding="utf-8")
+    with pytest.raises(SystemExit):
+        tool.main(["--knowledge_graph", str(graph_copy), "--output_file", str(graph_copy), "--overwrite", "True"])
+    assert "--output_file is one of the input files" in capsys.readouterr().err
+    assert graph_copy.read_text(encoding="utf-8") == open(SHIPPED_GRAPH, encoding="utf-8").read()
 
 
 def test_a_rewrite_is_used_only_when_it_keeps_every_finding(tmp_path):

@@ -403,6 +403,9 @@ def test_dedup_removes_exact_and_near_duplicates_in_english_and_chinese(tmp_path
     strict = tmp_path / "strict.jsonl"
     dedup_data.main(["--input", source, "--output_file", str(strict), "--threshold", "0.95"])
     assert [record["id"] for record in read_jsonl(strict)] == ["en-1", "en-2", "en-near", "zh-1", "zh-near"]
+    only_exact = tmp_path / "exact.jsonl"
+    dedup_data.main(["--input", source, "--output_file", str(only_exact), "--threshold", "1"])
+    assert [record["id"] for record in read_jsonl(only_exact)] == ["en-1", "en-2", "en-near", "zh-1", "zh-near"]
 
 
 def test_dedup_is_deterministic_and_refuses_to_overwrite(tmp_path, capsys):

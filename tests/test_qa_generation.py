@@ -183,10 +183,10 @@ def test_a_failing_endpoint_is_retried_then_reported_and_keeps_what_was_written(
     corpus, output = write_sources(tmp_path), tmp_path / "qa.jsonl"
     with StubEndpoint(grounded_reply) as stub:
         base = ["--input", corpus, "--output_file", str(output), "--api_base", stub.url, "--model", "m",
-                "--batch_size", "2", "--concurrency", "1", "--retries", "2"]
+                "--batch_size", "1", "--concurrency", "1", "--retries", "2"]  # one request at a time
         stub.server.mode = "error"
         assert run_tool(base) == 2
-        assert len(stub.server.requests) == 3  # the first request and two retries; the round stops there
+        assert len(stub.server.requests) == 3  # the first request and two retries; the run stops there
         stderr = capsys.readouterr().err
         assert "Traceback" not in stderr
         assert stderr.strip().splitlines()[-1] == (f"error: {stub.url}: the endpoint failed on model m: HTTP 500: "
@@ -194,9 +194,25 @@ def test_a_failing_endpoint_is_retried_then_reported_and_keeps_what_was_written(
         stub.server.mode, stub.server.requests = "not_json", []
         assert run_tool(base) == 2
         assert "did not stream its answer" in capsys.readouterr().err
+        stub.server.mode, stub.server.requests = "cut", []
+        assert run_tool(base) == 2  # a cut-off answer is not taken for a whole one: retried, then reported
+        assert len(stub.server.requests) == 3
+        assert "the answer's stream ended before it was complete" in capsys.readouterr().err
+        assert read_jsonl(output) == []
         stub.server.mode, stub.server.requests = "ok", []
         generate_qa.main(base)
     assert len(read_jsonl(output)) == len(SOURCES)
+
+
+def test_an_endpoint_that_refuses_the_key_stops_before_any_output_is_written(tmp_path, capsys):
+    output = tmp_path / "qa.jsonl"
+    with StubEndpoint(grounded_reply) as stub:
+        stub.server.mode = "unauthorized"
+        assert run_tool(["--input", write_sources(tmp_path), "--output_file", str(output), "--api_base", stub.url,
+                         "--model", "m"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: {stub.url}: the endpoint refused the API key (HTTP 401): pass --api_key")
+    assert not output.exists()
 
 
 def test_bad_runs_stop_before_any_work_with_one_line(tmp_path, capsys):
@@ -208,6 +224,12 @@ def test_bad_runs_stop_before_any_work_with_one_line(tmp_path, capsys):
     assert output.read_text(encoding="utf-8") == '{"old": "results"}\n'
     assert run_tool(["--input", corpus, "--output_file", str(tmp_path / "new.jsonl")]) == 2
     assert "no model to write the pairs" in capsys.readouterr().err
+    for output_file, message in ((corpus, "--output_file is one of the input files"),
+                                 (tmp_path / "qa.txt", "--output_file must be a .jsonl file")):
+        assert run_tool(["--input", corpus, "--output_file", str(output_file), "--api_base", "http://x/v1",
+                         "--model", "m", "--overwrite", "True"]) == 2
+        assert message in capsys.readouterr().err
+    assert read_jsonl(corpus) == SOURCES
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine, and long enough to count as a source text for the tool to use ok"}\n[1, 2]\n',
                    encoding="utf-8")

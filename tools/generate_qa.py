@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from medgpt.arguments import at_least, parse_args, require, setup_logging  # noqa: E402
 from medgpt.data import DataReport  # noqa: E402
+from medgpt.dataset_tools import check_jsonl_path, input_files  # noqa: E402
 from medgpt.errors import InputError, exit_on_input_error  # noqa: E402
 from medgpt.qa_generation import PairChecks, ResumableOutput, generate_pairs, read_sources  # noqa: E402
 from medgpt.text_generation import WriterModel, WriterModelArguments  # noqa: E402
@@ -61,6 +62,7 @@ def main(argv=None):
     if not model_args.configured:
         raise InputError("no model to write the pairs: give --model_name_or_path (a local model folder) or "
                          "--api_base and --model (an OpenAI-compatible endpoint)")
+    check_jsonl_path(args.output_file, input_files(args.input))
     report = DataReport("sources")
     sources = read_sources(args.input, args.min_source_words, report)
     report.kept = len(sources)
@@ -81,6 +83,9 @@ def main(argv=None):
                                  args.format, model_args.batch_size)
     finally:
         writer.close()
+    if not output.records:
+        logger.warning("no pair passed the checks: the output is empty (see the reasons below; a stronger model, "
+                       "or a lower --min_support, may keep some)")
     lines = [f"pairs: {len(output.records)} kept from {len(output.finished)} sources, {sum(dropped.values())} dropped"]
     lines += [f"  dropped {count} x {reason}" for reason, count in dropped.most_common()]
     logger.info("\n".join(lines))

@@ -30,6 +30,9 @@ from medgpt.outputs import write_jsonl  # noqa: E402
 logger = logging.getLogger(__name__)
 
 
+MAX_WEIGHT = 100  # a source repeated more often than this is a typo, and would fill the memory
+
+
 @dataclass
 class MergeArguments(RecordFilesArguments):
     input: list[str] = field(default_factory=list, metadata={"help": "Sources: data files or folders, one source each."})
@@ -49,7 +52,7 @@ class MergeArguments(RecordFilesArguments):
         require(len(self.weights) == len(self.input), "weights", f"needs one weight per --input source "
                 f"({len(self.input)})", self.weights)
         for weight in self.weights:
-            require(weight >= 0, "weights", "must not be negative", weight)
+            require(0 <= weight <= MAX_WEIGHT, "weights", f"must be from 0 to {MAX_WEIGHT}", weight)
 
 
 @exit_on_input_error

@@ -83,10 +83,11 @@ def main(argv=None):
     setup_logging()
     from medgpt.literature import (LICENCE_NOTE, CorpusReport, FetchRequest, articles_from_files, build_corpus,
                                    fetch_pubmed, pubmed_files)
-    from medgpt.outputs import check_new_output_file, check_output_dir, write_jsonl
+    from medgpt.dataset_tools import check_jsonl_output
+    from medgpt.outputs import check_output_dir, write_jsonl
 
-    check_new_output_file(args.output_file, args.overwrite)
     files = pubmed_files(args.input)
+    check_jsonl_output(args.output_file, args.overwrite, files)
     if args.query:
         check_output_dir(args.download_dir, "--download_dir")
     logger.info(LICENCE_NOTE)

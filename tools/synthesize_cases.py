@@ -20,13 +20,18 @@ from dataclasses import dataclass, field
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the medgpt package beside tools/
 
-from medgpt.arguments import at_least, parse_args, setup_logging  # noqa: E402
+from medgpt.arguments import parse_args, require, setup_logging  # noqa: E402
 from medgpt.cases import REPHRASE_PROMPTS, case_record, keeps_findings, load_knowledge_graph, synthesize_cases  # noqa: E402
 from medgpt.errors import InputError, exit_on_input_error  # noqa: E402
-from medgpt.outputs import check_new_output_file, write_jsonl  # noqa: E402
+from medgpt.dataset_tools import check_jsonl_output  # noqa: E402
+from medgpt.outputs import write_jsonl  # noqa: E402
 from medgpt.text_generation import WriterModel, WriterModelArguments  # noqa: E402
 
 logger = logging.getLogger("synthesize_cases")
+
+
+# A disease's few symptoms, signs and tests allow some hundreds of distinct cases; far more only repeats them.
+MAX_CASES_PER_DISEASE = 1000
 
 
 @dataclass
@@ -45,7 +50,8 @@ class CaseArguments:
     def __post_init__(self):
         if not self.output_file:
             raise InputError("--output_file is required")
-        at_least(self, "cases_per_disease", 1)
+        require(1 <= self.cases_per_disease <= MAX_CASES_PER_DISEASE, "cases_per_disease",
+                f"must be from 1 to {MAX_CASES_PER_DISEASE}", self.cases_per_disease)
 
 
 def rephrase_cases(cases, writer: WriterModel, round_size: int) -> Counter:
@@ -72,7 +78,7 @@ def main(argv=None):
     setup_logging()
     if args.rephrase and not model_args.configured:
         raise InputError("--rephrase True needs a model: --model_name_or_path or --api_base and --model")
-    check_new_output_file(args.output_file, args.overwrite)
+    check_jsonl_output(args.output_file, args.overwrite, [args.knowledge_graph])
     diseases = load_knowledge_graph(args.knowledge_graph)
     languages = ["en", "zh"] if args.language == "both" else [args.language]
     cases = synthesize_cases(diseases, args.cases_per_disease, languages, args.seed)
