@@ -51,9 +51,11 @@ class Record:
 
 @dataclass
 class Tally:
-    """What became of the records a tool read: kept, or dropped with a reason (and where it first happened)."""
+    """What became of the records (articles, sources) a tool read: kept, or dropped with a reason (and
+    where it first happened)."""
 
     name: str
+    unit: str = "records"
     read: int = 0
     kept: int = 0
     dropped: Counter = field(default_factory=Counter)
@@ -64,7 +66,7 @@ class Tally:
         self.examples.setdefault(reason, where)
 
     def summary(self) -> str:
-        text = f"{self.name}: read {self.read} records, kept {self.kept}, dropped {sum(self.dropped.values())}"
+        text = f"{self.name}: read {self.read} {self.unit}, kept {self.kept}, dropped {sum(self.dropped.values())}"
         for reason, count in self.dropped.most_common():
             text += f"\n  dropped {count} x {reason} (first at {self.examples[reason]})"
         return text

@@ -29,14 +29,14 @@ import re
 import socket
 import time
 import zlib
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from io import BytesIO
 from urllib.error import HTTPError, URLError
 
 from tqdm.auto import tqdm
 
-from medgpt.data import DataReport, find_data_files
+from medgpt.data import find_data_files
+from medgpt.dataset_tools import Tally
 from medgpt.errors import InputError
 from medgpt.outputs import atomic_write, atomic_write_text
 
@@ -437,36 +437,26 @@ def read_medline(path: str, content: bytes) -> list[Article]:
 # ---- corpus ----
 
 
-class CorpusReport(DataReport):
-    """Counts of articles read, kept and dropped by reason, in DataReport's style."""
-
-    def summary(self) -> str:
-        text = f"{self.name}: read {self.read} articles, kept {self.kept}, dropped {sum(self.rejected.values())}"
-        for kind, count in self.rejected.most_common():
-            text += f"\n  dropped {count} x {kind} (first at {self.examples[kind]})"
-        return text
-
-
-def build_corpus(articles, report: CorpusReport, drop_retracted: bool = True) -> list[dict]:
+def build_corpus(articles, report: Tally, drop_retracted: bool = True) -> list[dict]:
     """Pretraining records from articles in order: the first of each PMID and of each text is kept."""
     records, pmids, texts = [], set(), set()
     for article in articles:
         report.read += 1
         if not article.pmid:
-            report.reject("no PMID", article.source)
+            report.drop("no PMID", article.source)
             continue
         if not article.abstract:
-            report.reject("no abstract", article.source)
+            report.drop("no abstract", article.source)
             continue
         if drop_retracted and article.retracted:
-            report.reject("retracted publication", article.source)
+            report.drop("retracted publication", article.source)
             continue
         if article.pmid in pmids:
-            report.reject("duplicate PMID", article.source)
+            report.drop("duplicate PMID", article.source)
             continue
         text_key = normalise_whitespace(article.text).casefold()
         if text_key in texts:
-            report.reject("duplicate text", article.source)
+            report.drop("duplicate text", article.source)
             continue
         pmids.add(article.pmid)
         texts.add(text_key)
@@ -507,7 +497,6 @@ class FetchRequest:
     retry_wait: float = 10.0
     timeout: float = 120.0
     tool: str = "medgpt"
-    counts: Counter = field(default_factory=Counter)  # requests made, and batches reused, for the log
 
 
 def batch_path(download_dir: str, index: int) -> str:
@@ -588,7 +577,6 @@ def run_search(request: FetchRequest, Entrez) -> dict:
     limit = min(request.max_records or ESEARCH_LIMIT, ESEARCH_LIMIT)
 
     def search():
-        request.counts["esearch"] += 1
         with contextlib.closing(Entrez.esearch(db="pubmed", term=request.query, retmax=limit)) as handle:
             data = handle.read()
         try:
@@ -618,7 +606,6 @@ def fetch_batch(request: FetchRequest, Entrez, index: int, ids: list[str]) -> No
     path = batch_path(request.download_dir, index)
 
     def fetch():
-        request.counts["efetch"] += 1
         with contextlib.closing(Entrez.efetch(db="pubmed", id=ids, retmode="xml")) as handle:
             data = handle.read()
         try:
@@ -655,9 +642,9 @@ def fetch_pubmed(request: FetchRequest) -> list[str]:
         batches = [ids[start:start + size] for start in range(0, len(ids), size)]
         paths = [batch_path(request.download_dir, index) for index in range(len(batches))]
         missing = [index for index, path in enumerate(paths) if not os.path.isfile(path)]
-        request.counts["reused batches"] = len(batches) - len(missing)
-        if request.counts["reused batches"]:
-            logger.info("%d of %d batches already downloaded", request.counts["reused batches"], len(batches))
+        reused = len(batches) - len(missing)
+        if reused:
+            logger.info("%d of %d batches already downloaded", reused, len(batches))
         for index in tqdm(missing, desc="fetching PubMed", unit="batch", disable=not missing):
             fetch_batch(request, Entrez, index, batches[index])
     return paths

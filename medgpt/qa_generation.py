@@ -21,9 +21,7 @@ logger = logging.getLogger(__name__)
 @dataclass
 class Source:
     id: str  # the record's pmid or id, else "path:line"
-    title: str
     text: str
-    where: str  # path:line
 
 
 def text_language(text: str) -> str:
@@ -35,7 +33,7 @@ def text_language(text: str) -> str:
 
 def read_sources(paths: list[str], min_words: int, report) -> list[Source]:
     """Source texts from text files (a line each) or JSONL/JSON records with a "text" (the literature
-    tool's corpus: "pmid", "title"). Records without text are an error naming their line; texts of fewer
+    tool's corpus: "pmid"). Records without text are an error naming their line; texts of fewer
     than `min_words` content words (Chinese: character pairs), and a text or id seen before, are counted
     and left out."""
     sources, seen_texts, seen_ids = [], set(), set()
@@ -51,18 +49,18 @@ def read_sources(paths: list[str], min_words: int, report) -> list[Source]:
                 except RecordError as error:
                     raise InputError(str(error), file_path, line) from None
                 if len(content_units(text)) < min_words:
-                    report.reject(f"source under {min_words} content words", where)
+                    report.drop(f"source under {min_words} content words", where)
                     continue
                 if text in seen_texts:
-                    report.reject("source text seen before", where)
+                    report.drop("source text seen before", where)
                     continue
                 seen_texts.add(text)
                 source_id = str(record.get("pmid") or record.get("id") or where)
                 if source_id in seen_ids:
-                    report.reject("source id seen before", where)
+                    report.drop("source id seen before", where)
                     continue
                 seen_ids.add(source_id)
-                sources.append(Source(source_id, str(record.get("title") or ""), text, where))
+                sources.append(Source(source_id, text))
     return sources
 
 

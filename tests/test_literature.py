@@ -13,7 +13,8 @@ import pytest
 
 from medgpt.data import DataReport, load_records
 from medgpt.errors import InputError
-from medgpt.literature import Article, CorpusReport, build_corpus, read_articles
+from medgpt.dataset_tools import Tally
+from medgpt.literature import Article, build_corpus, read_articles
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLES = os.path.join(REPO, "data", "literature")
@@ -233,15 +234,15 @@ def test_dedup_and_drops_are_counted_by_reason():
         article("", "No identifier."),
         article("6", "Beta text."),
     ]
-    report = CorpusReport("test")
+    report = Tally("test", unit="articles")
     records = build_corpus(articles, report)
     assert [record["pmid"] for record in records] == ["1", "6"]
     assert records[0]["text"] == "T\nAlpha text."
     assert (report.read, report.kept) == (8, 2)
-    assert report.rejected == {"no abstract": 1, "duplicate PMID": 1, "duplicate text": 2,
+    assert report.dropped == {"no abstract": 1, "duplicate PMID": 1, "duplicate text": 2,
                                "retracted publication": 1, "no PMID": 1}
     assert report.examples["duplicate text"] == "f.xml:3"
-    kept_retracted = build_corpus(articles, CorpusReport("test"), drop_retracted=False)
+    kept_retracted = build_corpus(articles, Tally("test", unit="articles"), drop_retracted=False)
     assert [record["pmid"] for record in kept_retracted] == ["1", "5", "6"]
 
 

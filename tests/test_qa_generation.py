@@ -77,7 +77,7 @@ def test_pairs_are_read_from_labelled_lines_run_together_text_and_json():
 
 
 def test_the_checks_keep_grounded_pairs_and_name_why_others_go():
-    source = Source("1", "", SOURCES[0]["text"], "corpus.jsonl:1")
+    source = Source("1", SOURCES[0]["text"])
     checks, seen = PairChecks(), {"whatcauseswilsondisease"}
     assert support("Variants in ATP7B cause Wilson disease.", source.text) == 1.0
     assert support("Paris is the capital of France.", source.text) == 0.0
@@ -89,7 +89,7 @@ def test_the_checks_keep_grounded_pairs_and_name_why_others_go():
     assert checks.reason_to_drop("What causes Wilson disease?", "Variants in ATP7B.", source, seen) == "duplicate question"
     assert checks.reason_to_drop("Why?", "Variants in ATP7B.", source, seen).startswith("question under")
     assert checks.reason_to_drop("", "x", source, seen) == "empty question or answer"
-    chinese = Source("2", "", SOURCES[4]["text"], "x:1")
+    chinese = Source("2", SOURCES[4]["text"])
     assert checks.reason_to_drop("肝豆状核变性怎么治疗？", "青霉胺或曲恩汀等螯合剂以及锌剂。", chinese, seen) is None
 
 

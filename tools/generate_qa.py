@@ -6,7 +6,7 @@ pair grounded in and naming its source.
     python tools/generate_qa.py --input corpus.jsonl --output_file qa.jsonl --language zh \
         --api_base http://127.0.0.1:8000/v1 --model medgpt --concurrency 8      # any OpenAI-compatible endpoint
 
-Sources: JSONL records with "text" (and "pmid"/"id", "title"), or text files with one source a line.
+Sources: JSONL records with "text" (and "pmid" or "id", naming the pairs' source), or text files with one source a line.
 Pairs that fail the checks are dropped and counted by reason: empty or too short, a question that refers
 to "the text", an answer whose words are mostly not in the source (--min_support), a repeated question.
 The output is resumable: run the same command again after an interruption and it carries on where it
@@ -22,8 +22,7 @@ from dataclasses import dataclass, field
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the medgpt package beside tools/
 
 from medgpt.arguments import at_least, parse_args, require, setup_logging  # noqa: E402
-from medgpt.data import DataReport  # noqa: E402
-from medgpt.dataset_tools import check_jsonl_path, input_files  # noqa: E402
+from medgpt.dataset_tools import Tally, check_jsonl_path, input_files  # noqa: E402
 from medgpt.errors import InputError, exit_on_input_error  # noqa: E402
 from medgpt.qa_generation import PairChecks, ResumableOutput, generate_pairs, read_sources  # noqa: E402
 from medgpt.text_generation import WriterModel, WriterModelArguments  # noqa: E402
@@ -63,7 +62,7 @@ def main(argv=None):
         raise InputError("no model to write the pairs: give --model_name_or_path (a local model folder) or "
                          "--api_base and --model (an OpenAI-compatible endpoint)")
     check_jsonl_path(args.output_file, input_files(args.input))
-    report = DataReport("sources")
+    report = Tally("sources", unit="sources")
     sources = read_sources(args.input, args.min_source_words, report)
     report.kept = len(sources)
     report.log()

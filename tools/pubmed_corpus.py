@@ -81,9 +81,9 @@ class PubmedCorpusArguments:
 def main(argv=None):
     (args,) = parse_args((PubmedCorpusArguments,), argv)
     setup_logging()
-    from medgpt.literature import (LICENCE_NOTE, CorpusReport, FetchRequest, articles_from_files, build_corpus,
+    from medgpt.dataset_tools import Tally, check_jsonl_output
+    from medgpt.literature import (LICENCE_NOTE, FetchRequest, articles_from_files, build_corpus,
                                    fetch_pubmed, pubmed_files)
-    from medgpt.dataset_tools import check_jsonl_output
     from medgpt.outputs import check_output_dir, write_jsonl
 
     files = pubmed_files(args.input)
@@ -100,7 +100,7 @@ def main(argv=None):
         )
         files += fetch_pubmed(request)
 
-    report = CorpusReport("PubMed")
+    report = Tally("PubMed", unit="articles")
     records = build_corpus(articles_from_files(files), report, drop_retracted=args.drop_retracted)
     report.log()
     if not records:
