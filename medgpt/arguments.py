@@ -5,6 +5,7 @@ file; flags given after it override the file. Unknown flags and unknown config k
 """
 
 import argparse
+import importlib.util
 import json
 import logging
 import os
@@ -39,7 +40,8 @@ class ModelArguments:
         metadata={"help": "auto (bf16 on GPUs that support it, else fp16 on GPU, fp32 on CPU), float32, bfloat16, float16."},
     )
     attn_implementation: str | None = field(
-        default=None, metadata={"help": "eager, sdpa or flash_attention_2; default: the library's choice."}
+        default=None, metadata={"help": "eager, sdpa or flash_attention_2; default: flash_attention_2 where flash-attn "
+                                "is installed and a CUDA GPU runs it, else the library's choice (sdpa)."}
     )
     load_in_4bit: bool = field(default=False, metadata={"help": "Load base weights in 4 bit (bitsandbytes)."})
     load_in_8bit: bool = field(default=False, metadata={"help": "Load base weights in 8 bit (bitsandbytes)."})
@@ -162,6 +164,34 @@ def describe_precision(training_args) -> str:
     return f"{shown} (default: {reason}{off})"
 
 
+def installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def default_attention() -> tuple[str | None, str]:
+    """(attn_implementation, why): flash_attention_2 where flash-attn is installed and a CUDA GPU runs it,
+    else None, the library's choice (sdpa)."""
+    if not torch.cuda.is_available():
+        return None, "no GPU"
+    if not installed("flash_attn"):
+        return None, "flash-attn is not installed"
+    return "flash_attention_2", "flash-attn on a CUDA GPU"
+
+
+def skips_masked_blocks(attn_implementation: str | None) -> bool:
+    """Whether the attention kernel works on each packed sample apart (variable-length flash attention),
+    so that padding-free packing costs no attention across samples. sdpa and eager build a block-diagonal
+    mask over the whole packed row instead: on CPU packed SFT ran no faster than padded length-grouped
+    batches and took more memory."""
+    name = (attn_implementation or "").lower()
+    return name.startswith("flash_attention") or "flash-attn" in name or "flash_attn" in name
+
+
+def liger_by_default() -> bool:
+    """Liger's Triton layer kernels (RMSNorm, RoPE, SwiGLU) where liger-kernel is installed and a CUDA GPU runs them."""
+    return torch.cuda.is_available() and installed("liger_kernel")
+
+
 def hardware_defaults(parser: HfArgumentParser) -> dict:
     """Defaults that depend on the machine (the precision of default_precision) and the same for every
     stage: TensorBoard logs, token counts, no gradient checkpointing unless asked."""
@@ -176,6 +206,12 @@ def hardware_defaults(parser: HfArgumentParser) -> dict:
         "gradient_checkpointing": None,
         "report_to": ["tensorboard"],
         "ddp_find_unused_parameters": False,
+        "attn_implementation": default_attention()[0],
+        "packing": None,  # resolved after parsing, from the attention kernel (resolve_packing)
+        "use_liger_kernel": liger_by_default(),
+        # Liger's fused linear cross-entropy would replace the forward that carries the toolkit's fused LM
+        # head (TRL's trainers refuse it); its layer kernels are what is left to gain.
+        "liger_kernel_config": {"fused_linear_cross_entropy": False} if liger_by_default() else None,
     }
     return {key: value for key, value in defaults.items() if key in known}
 
@@ -294,6 +330,7 @@ def parse_args(dataclass_types, argv: list[str] | None = None):
         # Dataclass validation (e.g. TrainingArguments.__post_init__) rejects a combination of options.
         raise InputError(f"invalid options: {error}".splitlines()[0]) from None
     check_outputs_apart_from_inputs(parsed)
+    resolve_packing(parsed)
     for args in parsed:
         check_common_ranges(args)
         if isinstance(getattr(args, "output_dir", None), str):
@@ -305,6 +342,26 @@ def parse_args(dataclass_types, argv: list[str] | None = None):
         if getattr(args, "include_num_input_tokens_seen", None) == "no":
             args.include_num_input_tokens_seen = "non_padding"
     return parsed
+
+
+def resolve_packing(parsed) -> None:
+    """SFT packs rows padding-free by default where the attention kernel skips the blocks between packed
+    samples (flash attention on a GPU), and pads length-grouped batches elsewhere; --packing decides."""
+    attention = next((args.attn_implementation for args in parsed if hasattr(args, "attn_implementation")), None)
+    for args in parsed:
+        if hasattr(args, "packing") and args.packing is None:
+            args.packing = skips_masked_blocks(attention)
+
+
+def describe_kernels(training_args) -> str:
+    """Packing and Liger as a run uses them, for the log line at its start (the attention kernel is
+    logged with the model)."""
+    parts = []
+    if hasattr(training_args, "packing"):
+        parts.append("padding-free packing" if training_args.packing else
+                     "no packing: length-grouped padded batches (--packing True to pack)")
+    parts.append("Liger layer kernels" if getattr(training_args, "use_liger_kernel", False) else "no Liger kernels")
+    return "; ".join(parts)
 
 
 # Folders a run reads from that its --output_dir must not be: writing the result there would replace them.
@@ -369,6 +426,7 @@ def setup_logging(training_args=None) -> None:
     if training_args is not None and hasattr(training_args, "bf16"):
         logging.getLogger(__name__).info("precision: %s", describe_precision(training_args))
         logging.getLogger(__name__).info("memory allocator: %s", describe_allocator())
+        logging.getLogger(__name__).info("kernels: %s", describe_kernels(training_args))
 
 
 def dataclass_fields(cls) -> set[str]:

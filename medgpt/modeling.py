@@ -139,7 +139,8 @@ def load_causal_lm(model_args, model_class=AutoModelForCausalLM, **extra):
     if model_args.attn_implementation:
         kwargs["attn_implementation"] = model_args.attn_implementation
     model = model_class.from_pretrained(path, **kwargs)
-    logger.info("loaded %s (%s, %.1fM parameters)", path, dtype, model.num_parameters() / 1e6)
+    attention = getattr(model.config, "_attn_implementation", None) or "default"
+    logger.info("loaded %s (%s, %.1fM parameters, attention: %s)", path, dtype, model.num_parameters() / 1e6, attention)
     return model
 
 

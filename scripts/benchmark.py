@@ -1,12 +1,13 @@
 """Measure the toolkit on this machine and write the figures to docs/benchmarks.md.
 
     python scripts/benchmark.py [--steps 12] [--repeats 2] [--stage_steps 10] [--device cpu|cuda]
-                                [--skip_sft] [--skip_stages] [--skip_pipeline]
+                                [--skip_sft] [--skip_plain_trl] [--skip_stages] [--skip_pipeline]
 
 For the default model (SmolLM2-135M-Instruct, LoRA r=8 on all linear layers) it runs SFT and DPO through
 their run scripts at the scripts' defaults and "naive" (the way reference scripts train), interleaved,
-plus a bare PyTorch loop over the default SFT run's batches as the ceiling; it records non-padding tokens
-per second and the peak resident memory of each run. Then a few steps of the other alignment stages (RM,
+plus a bare PyTorch loop over the default SFT run's batches as the ceiling and TRL's SFTTrainer at its own
+defaults as the reference; it records non-padding tokens per second and the peak resident memory of each
+run (and on a GPU its peak GPU memory). Then a few steps of the other alignment stages (RM,
 ORPO, GRPO, PPO), then the whole demo pipeline. Not a test: figures depend on the machine, so they are
 written down with the date, the machine and the command.
 """
@@ -61,7 +62,8 @@ def stage_script_run(name: str, script: str, steps: int, naive: bool) -> dict:
                                *(NAIVE_FLAGS if naive else [])], env)
     results = read_json(os.path.join(output_dir, "all_results.json"))
     return {"run": name, "tokens_per_s": results["train_tokens_per_second"], "tokens": results["train_tokens"],
-            "peak_rss_gib": round(peak, 2), "wall_s": round(wall, 1)}
+            "peak_rss_gib": round(peak, 2), "peak_gpu_gib": results.get("train_peak_gpu_memory_gib"),
+            "wall_s": round(wall, 1)}
 
 
 def bare_loop(steps: int, result_path: str) -> None:
@@ -111,17 +113,49 @@ def bare_loop(steps: int, result_path: str) -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     elapsed = time.perf_counter() - started
-    with open(result_path, "w", encoding="utf-8") as handle:
-        json.dump({"tokens": tokens, "tokens_per_s": round(tokens / elapsed, 1)}, handle)
+    write_result(result_path, {"tokens": tokens, "tokens_per_s": round(tokens / elapsed, 1)})
 
 
-def bare_loop_run(steps: int) -> dict:
-    """bare_loop in a process of its own (which moves to tcmalloc, as the training scripts do)."""
-    result_path = os.path.join(REPO, "outputs", "benchmark", "bare_loop.json")
+def plain_trl(steps: int, result_path: str) -> None:
+    """The reference a user would otherwise run: TRL's SFTTrainer at its own defaults (its precision,
+    gradient checkpointing, padding, loss on every token, its model loading) on the same model and
+    conversations, with only what the comparison fixes set: LoRA r=8 on all linear layers, 4 rows per
+    step, max length 512, the number of steps (and, on a CPU, the flag TRL needs to run there)."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    from medgpt.data import DataReport, load_records
+
+    records = load_records(os.path.join(REPO, "data", "finetune"), "conversation", DataReport("train"), False)
+    dataset = Dataset.from_list([{"messages": record["messages"]} for record in records])
+    config = SFTConfig(output_dir=os.path.join(REPO, "outputs", "benchmark", "plain_trl"), max_steps=steps,
+                       per_device_train_batch_size=4, max_length=512, report_to="none", save_strategy="no",
+                       include_num_input_tokens_seen="non_padding",
+                       use_cpu=not torch.cuda.is_available())  # without it TRL refuses to start on a CPU
+    trainer = SFTTrainer(model=DEFAULT_MODEL_DIR, args=config, train_dataset=dataset, peft_config=LoraConfig(
+        r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0, task_type="CAUSAL_LM"))
+    metrics = trainer.train().metrics
+    tokens = trainer.state.num_input_tokens_seen
+    write_result(result_path, {"tokens": tokens, "tokens_per_s": round(tokens / metrics["train_runtime"], 1)})
+
+
+def write_result(path: str, result: dict) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        result["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(result, handle)
+
+
+def own_process_run(mode: str, name: str, steps: int) -> dict:
+    """bare_loop or plain_trl in a process of its own (which moves to tcmalloc, as the training scripts do)."""
+    result_path = os.path.join(REPO, "outputs", "benchmark", f"{mode}.json")
     os.makedirs(os.path.dirname(result_path), exist_ok=True)
-    wall, peak = run_measured([sys.executable, os.path.abspath(__file__), "--bare_loop", result_path, "--steps", str(steps)])
-    return {"run": "bare PyTorch loop, same batches", **read_json(result_path), "peak_rss_gib": round(peak, 2),
-            "wall_s": round(wall, 1)}
+    wall, peak = run_measured([sys.executable, os.path.abspath(__file__), f"--{mode}", result_path, "--steps", str(steps)])
+    return {"run": name, **read_json(result_path), "peak_rss_gib": round(peak, 2), "wall_s": round(wall, 1)}
 
 
 def interleaved(runs: dict, repeats: int) -> dict:
@@ -137,9 +171,10 @@ def interleaved(runs: dict, repeats: int) -> dict:
 def summary_row(name: str, results: list[dict]) -> dict:
     """Mean tokens/s over the repeats (each one listed), the highest peak memory."""
     rates = [r["tokens_per_s"] for r in results]
+    gpu = [r["peak_gpu_gib"] for r in results if r.get("peak_gpu_gib") is not None]
     return {"run": name, "tokens_per_s": round(sum(rates) / len(rates), 1), "each": " / ".join(map(str, rates)),
-            "peak_rss_gib": max(r["peak_rss_gib"] for r in results), "tokens": results[0]["tokens"],
-            "wall_s": round(sum(r["wall_s"] for r in results) / len(results), 1)}
+            "peak_rss_gib": max(r["peak_rss_gib"] for r in results), "peak_gpu_gib": max(gpu) if gpu else None,
+            "tokens": results[0]["tokens"], "wall_s": round(sum(r["wall_s"] for r in results) / len(results), 1)}
 
 
 def read_json(path: str) -> dict:
@@ -190,6 +225,13 @@ def stage_runs(steps: int) -> list[dict]:
     return rows
 
 
+def gpu_share(run: dict, reference: dict) -> str:
+    """`; peak GPU memory 41% of its`, where both runs were on a GPU."""
+    if run.get("peak_gpu_gib") and reference.get("peak_gpu_gib"):
+        return f"; peak GPU memory {100 * run['peak_gpu_gib'] / reference['peak_gpu_gib']:.0f}% of its"
+    return ""
+
+
 def cpu_model() -> str:
     """The CPU's name and whether it multiplies bf16 natively: figures differ a lot between CPUs."""
     try:
@@ -204,10 +246,14 @@ def cpu_model() -> str:
     return f"{name} ({'with ' + ' and '.join(units) if units else 'without AVX-512 BF16 or AMX'})"
 
 
-def table(header: str, rows: list[dict]) -> list[str]:
-    lines = [header, "|---|---|---|---|---|---|"]
-    lines += [f"| {r['run']} | {r['tokens_per_s']} | {r.get('each', r['tokens_per_s'])} | {r['peak_rss_gib']} | "
-              f"{r['tokens']} | {r['wall_s']} |" for r in rows]
+def table(rows: list[dict], gpu: bool) -> list[str]:
+    gpu_header, gpu_rule = (" peak GPU memory (GiB) |", "---|") if gpu else ("", "")
+    lines = [f"| run | tokens/s (mean) | each run | peak RSS (GiB) |{gpu_header} tokens | wall (s) |",
+             f"|---|---|---|---|{gpu_rule}---|---|"]
+    for r in rows:
+        gpu_cell = f" {r['peak_gpu_gib'] if r.get('peak_gpu_gib') is not None else '-'} |" if gpu else ""
+        lines.append(f"| {r['run']} | {r['tokens_per_s']} | {r.get('each', r['tokens_per_s'])} | {r['peak_rss_gib']} |"
+                     f"{gpu_cell} {r['tokens']} | {r['wall_s']} |")
     return lines
 
 
@@ -221,12 +267,16 @@ def main():
     parser.add_argument("--skip_sft", action="store_true", help="do not measure SFT and DPO")
     parser.add_argument("--skip_stages", action="store_true", help="do not measure RM, ORPO, GRPO and PPO")
     parser.add_argument("--skip_pipeline", action="store_true", help="do not time scripts/run_pipeline.sh")
+    parser.add_argument("--skip_plain_trl", action="store_true", help="do not run TRL's SFTTrainer at its defaults")
     parser.add_argument("--bare_loop", metavar="RESULT_JSON", help=argparse.SUPPRESS)  # the ceiling's own process
+    parser.add_argument("--plain_trl", metavar="RESULT_JSON", help=argparse.SUPPRESS)  # the reference's own process
     args = parser.parse_args()
-    if args.bare_loop:
+    if args.bare_loop or args.plain_trl:
         from medgpt.allocator import relaunch_with_tcmalloc
 
         relaunch_with_tcmalloc(__name__)  # the same allocator as the default run
+        if args.plain_trl:
+            return plain_trl(args.steps, args.plain_trl)
         return bare_loop(args.steps, args.bare_loop)
     import torch
 
@@ -239,33 +289,47 @@ def main():
 
     lines = []
     if not args.skip_sft:
-        sft = interleaved({
+        runs = {
             "naive": lambda: stage_script_run("SFT naive", "scripts/run_sft.sh", args.steps, naive=True),
             "default": lambda: stage_script_run("SFT default", "scripts/run_sft.sh", args.steps, naive=False),
-            "bare": lambda: bare_loop_run(args.steps),
+            "bare": lambda: own_process_run("bare_loop", "bare PyTorch loop, same batches", args.steps),
+            "plain trl": lambda: own_process_run("plain_trl", "TRL SFTTrainer defaults", args.steps),
             "dpo naive": lambda: stage_script_run("DPO naive", "scripts/run_dpo.sh", args.steps, naive=True),
             "dpo default": lambda: stage_script_run("DPO default", "scripts/run_dpo.sh", args.steps, naive=False),
-        }, args.repeats)
-        rows = {name: summary_row(name, results) for name, results in sft.items()}
+        }
+        if args.skip_plain_trl:
+            del runs["plain trl"]
+        rows = {name: summary_row(name, results) for name, results in interleaved(runs, args.repeats).items()}
         naive, default, bare = rows["naive"], rows["default"], rows["bare"]
         dpo_naive, dpo_default = rows["dpo naive"], rows["dpo default"]
         naive["run"] = "naive: random order, batch 4 padded to its longest row, fp32, LoRA dropout 0.05, glibc malloc"
-        default["run"] = "default (`scripts/run_sft.sh`): grouped by length, 2 rows x 2 accumulated, tcmalloc"
+        default["run"] = ("default (`scripts/run_sft.sh`): grouped by length, 2 rows x 2 accumulated, tcmalloc"
+                          + ("; on the GPU its kernel defaults (see the log)" if device == "cuda" else ""))
         bare["run"] = "bare PyTorch loop on the default run's batches (forward, backward, AdamW)"
         dpo_naive["run"] = "DPO naive: random order, batch 4 pairs, fp32, LoRA dropout 0.05, glibc malloc"
         dpo_default["run"] = "DPO default (`scripts/run_dpo.sh`): grouped by length, 2 pairs x 2 accumulated, tcmalloc"
+        sft_rows = [naive, default, bare]
+        comparisons = [
+            f"- default / naive SFT: {default['tokens_per_s'] / naive['tokens_per_s']:.2f}x",
+            f"- default SFT / bare loop: {100 * default['tokens_per_s'] / bare['tokens_per_s']:.0f}%",
+        ]
+        if "plain trl" in rows:
+            trl_row = rows["plain trl"]
+            trl_row["run"] = ("TRL SFTTrainer at its defaults (its precision, gradient checkpointing, padding, loss "
+                              "on every token), batch 4, same LoRA")
+            sft_rows.append(trl_row)
+            comparisons.append(f"- default / plain TRL SFT: {default['tokens_per_s'] / trl_row['tokens_per_s']:.2f}x"
+                               + gpu_share(default, trl_row))
+        comparisons.append(f"- default DPO / default SFT: {100 * dpo_default['tokens_per_s'] / default['tokens_per_s']:.0f}%; "
+                           f"default / naive DPO: {dpo_default['tokens_per_s'] / dpo_naive['tokens_per_s']:.2f}x")
         lines += [
             f"SFT on data/finetune (`scripts/run_sft.sh`, max length 512) and DPO on data/reward (`scripts/run_dpo.sh`, "
             f"max length 384), from SmolLM2-135M-Instruct, LoRA r=8 on all linear layers, 4 rows (pairs) per step, "
             f"{args.steps} steps a run, {args.repeats} runs of each, interleaved; precision: the machine's default "
             "unless noted; tokens are non-padding tokens (DPO: both answers and their prompt):\n",
-            *table("| run | tokens/s (mean) | each run | peak RSS (GiB) | tokens | wall (s) |",
-                   [naive, default, bare, dpo_naive, dpo_default]),
+            *table([*sft_rows, dpo_naive, dpo_default], gpu=device == "cuda"),
             "",
-            f"- default / naive SFT: {default['tokens_per_s'] / naive['tokens_per_s']:.2f}x",
-            f"- default SFT / bare loop: {100 * default['tokens_per_s'] / bare['tokens_per_s']:.0f}%",
-            f"- default DPO / default SFT: {100 * dpo_default['tokens_per_s'] / default['tokens_per_s']:.0f}%; "
-            f"default / naive DPO: {dpo_default['tokens_per_s'] / dpo_naive['tokens_per_s']:.2f}x",
+            *comparisons,
         ]
     if not args.skip_stages:
         stages = stage_runs(args.stage_steps)

