@@ -187,9 +187,14 @@ def skips_masked_blocks(attn_implementation: str | None) -> bool:
     return name.startswith("flash_attention") or "flash-attn" in name or "flash_attn" in name
 
 
-def liger_by_default() -> bool:
-    """Liger's Triton layer kernels (RMSNorm, RoPE, SwiGLU) where liger-kernel is installed and a CUDA GPU runs them."""
-    return torch.cuda.is_available() and installed("liger_kernel")
+def default_liger() -> tuple[bool, str]:
+    """(on, why): Liger's Triton layer kernels (RMSNorm, RoPE, SwiGLU) where liger-kernel is installed and a
+    CUDA GPU runs them."""
+    if not torch.cuda.is_available():
+        return False, "no GPU"
+    if not installed("liger_kernel"):
+        return False, "liger-kernel is not installed: bash scripts/setup_env.sh --gpu"
+    return True, "liger-kernel on a CUDA GPU"
 
 
 def hardware_defaults(parser: HfArgumentParser) -> dict:
@@ -197,6 +202,7 @@ def hardware_defaults(parser: HfArgumentParser) -> dict:
     stage: TensorBoard logs, token counts, no gradient checkpointing unless asked."""
     known = {action.dest for action in parser._actions}
     precision, _ = default_precision()
+    liger, _ = default_liger()
     defaults = {
         "bf16": precision == "bf16",
         "fp16": precision == "fp16",
@@ -208,10 +214,10 @@ def hardware_defaults(parser: HfArgumentParser) -> dict:
         "ddp_find_unused_parameters": False,
         "attn_implementation": default_attention()[0],
         "packing": None,  # resolved after parsing, from the attention kernel (resolve_packing)
-        "use_liger_kernel": liger_by_default(),
+        "use_liger_kernel": liger,
         # Liger's fused linear cross-entropy would replace the forward that carries the toolkit's fused LM
         # head (TRL's trainers refuse it); its layer kernels are what is left to gain.
-        "liger_kernel_config": {"fused_linear_cross_entropy": False} if liger_by_default() else None,
+        "liger_kernel_config": {"fused_linear_cross_entropy": False} if liger else None,
     }
     return {key: value for key, value in defaults.items() if key in known}
 
@@ -360,7 +366,10 @@ def describe_kernels(training_args) -> str:
     if hasattr(training_args, "packing"):
         parts.append("padding-free packing" if training_args.packing else
                      "no packing: length-grouped padded batches (--packing True to pack)")
-    parts.append("Liger layer kernels" if getattr(training_args, "use_liger_kernel", False) else "no Liger kernels")
+    liger, why = default_liger()
+    chosen = bool(getattr(training_args, "use_liger_kernel", False))
+    parts.append(f"Liger layer kernels {'on' if chosen else 'off'} "
+                 f"({'default: ' + why if chosen == liger else 'asked for; the default here: ' + why})")
     return "; ".join(parts)
 
 

@@ -243,11 +243,14 @@ def _yielding(context, model):
 def forward_answers(model, sequences, attention_mask, prompt_length, temperature, value_head=None):
     """Log-probabilities of the answer tokens (and values of the states before them, and the logits)."""
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding must not shift positions
+    # Only the positions that predict an answer token go through the LM head: the prompts' logits (batch x
+    # prompt length x vocabulary) would be computed and held for nothing.
     output = model(
         input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids,
         output_hidden_states=value_head is not None, use_cache=False,
+        logits_to_keep=sequences.shape[1] - prompt_length + 1,
     )
-    logits = output.logits[:, prompt_length - 1 : -1].float() / temperature
+    logits = output.logits[:, -(sequences.shape[1] - prompt_length + 1) : -1].float() / temperature
     answers = sequences[:, prompt_length:]
     logprobs = torch.gather(F.log_softmax(logits, dim=-1), 2, answers.unsqueeze(-1)).squeeze(-1)
     values = None

@@ -108,14 +108,16 @@ def forward_pair_sides_apart(model) -> None:
     per_token_fields = fused_per_token_fields()
 
     @functools.wraps(joint_forward)
-    def forward(*args, fused_lm_head=False, input_ids=None, attention_mask=None, labels=None, **kwargs):
-        cuttable = (fused_lm_head and not router_loss and not args and input_ids is not None
+    def forward(*args, **all_kwargs):
+        input_ids, attention_mask, labels = (all_kwargs.get(name) for name in ("input_ids", "attention_mask", "labels"))
+        kwargs = {name: value for name, value in all_kwargs.items()
+                  if name not in ("fused_lm_head", "input_ids", "attention_mask", "labels")}
+        cuttable = (all_kwargs.get("fused_lm_head", False) and not router_loss and not args and input_ids is not None
                     and attention_mask is not None and labels is not None and input_ids.size(0) % 2 == 0
                     and input_ids.size(0) > 0
                     and all(value is None or name == "use_cache" for name, value in kwargs.items()))
-        if not cuttable:
-            return joint_forward(*args, fused_lm_head=fused_lm_head, input_ids=input_ids,
-                                 attention_mask=attention_mask, labels=labels, **kwargs)
+        if not cuttable:  # e.g. generation, a plain forward, inputs given by position
+            return joint_forward(*args, **all_kwargs)
         half, positions = input_ids.size(0) // 2, input_ids.size(1)
         sides = []
         for rows in (slice(0, half), slice(half, None)):

@@ -1,15 +1,16 @@
 """Measure the toolkit on this machine and write the figures to docs/benchmarks.md.
 
     python scripts/benchmark.py [--steps 12] [--repeats 2] [--stage_steps 10] [--device cpu|cuda]
-                                [--skip_sft] [--skip_plain_trl] [--skip_stages] [--skip_pipeline]
+                                [--model DIR --template NAME] [--skip_sft] [--skip_plain_trl]
+                                [--skip_stages] [--skip_pipeline]
 
-For the default model (SmolLM2-135M-Instruct, LoRA r=8 on all linear layers) it runs SFT and DPO through
-their run scripts at the scripts' defaults and "naive" (the way reference scripts train), interleaved,
-plus a bare PyTorch loop over the default SFT run's batches as the ceiling and TRL's SFTTrainer at its own
-defaults as the reference; it records non-padding tokens per second and the peak resident memory of each
-run (and on a GPU its peak GPU memory). Then a few steps of the other alignment stages (RM,
-ORPO, GRPO, PPO), then the whole demo pipeline. Not a test: figures depend on the machine, so they are
-written down with the date, the machine and the command.
+For a model (by default the embedded SmolLM2-135M-Instruct; LoRA r=8 on all linear layers) it runs SFT
+and DPO through their run scripts at the scripts' defaults and "naive" (the way reference scripts train),
+interleaved, plus a bare PyTorch loop over the default SFT run's batches as the ceiling and TRL's
+SFTTrainer at its own defaults as the reference; it records non-padding tokens per second and the peak
+resident memory of each run (and on a GPU its peak GPU memory). Then a few steps of the other alignment
+stages (RM, ORPO, GRPO, PPO), then the whole demo pipeline. Not a test: figures depend on the machine, so
+they are written down with the date, the machine and the command.
 """
 
 import argparse
@@ -20,6 +21,7 @@ import platform
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 
 import psutil
 
@@ -48,16 +50,28 @@ def run_measured(command: list[str], env: dict | None = None) -> tuple[float, fl
 
 
 # The way reference scripts train: random order, each batch of 4 padded to its longest row, fp32, LoRA
-# dropout 0.05, glibc's malloc. Given after the run script's own flags, they override them.
-NAIVE_FLAGS = ["--train_sampling_strategy", "random", "--lora_dropout", "0.05", "--bf16", "False", "--fp16", "False"]
+# dropout 0.05, glibc's malloc, the library's attention (on a GPU: no packing, no Liger). Given after the
+# run script's own flags, they override them.
+NAIVE_FLAGS = ["--train_sampling_strategy", "random", "--lora_dropout", "0.05", "--bf16", "False", "--fp16", "False",
+               "--attn_implementation", "sdpa", "--use_liger_kernel", "False"]
 NAIVE_ENV = {"MEDGPT_ALLOCATOR": "system", "MICRO_BATCH_SIZE": "4"}
 
 
-def stage_script_run(name: str, script: str, steps: int, naive: bool) -> dict:
-    """One run of scripts/run_sft.sh or run_dpo.sh from the default model, at its defaults or naive."""
+@dataclass
+class Model:
+    """The model measured and its chat template."""
+    path: str = DEFAULT_MODEL_DIR
+    template: str = "chatml"
+
+    def flags(self) -> list[str]:
+        return ["--model", self.path, "--template", self.template]
+
+
+def stage_script_run(name: str, script: str, model: Model, steps: int, naive: bool) -> dict:
+    """One run of scripts/run_sft.sh or run_dpo.sh, at its defaults or naive."""
     output_dir = os.path.join(REPO, "outputs", "benchmark", name.split(",")[0].replace(" ", "_"))
-    env = {"MODEL": DEFAULT_MODEL_DIR, "OUTPUT_DIR": output_dir, "MAX_STEPS": str(steps), "PYTHON": sys.executable,
-           "BATCH_SIZE": "4", **(NAIVE_ENV if naive else {})}
+    env = {"MODEL": model.path, "TEMPLATE": model.template, "OUTPUT_DIR": output_dir, "MAX_STEPS": str(steps),
+           "PYTHON": sys.executable, "BATCH_SIZE": "4", **(NAIVE_ENV if naive else {})}
     wall, peak = run_measured(["bash", script, "--report_to", "none",
                                *(NAIVE_FLAGS if naive else [])], env)
     results = read_json(os.path.join(output_dir, "all_results.json"))
@@ -66,7 +80,7 @@ def stage_script_run(name: str, script: str, steps: int, naive: bool) -> dict:
             "wall_s": round(wall, 1)}
 
 
-def bare_loop(steps: int, result_path: str) -> None:
+def bare_loop(model: Model, steps: int, result_path: str) -> None:
     """The ceiling for SFT: forward, backward and AdamW over the default run's batches (the same rows,
     grouped by length, 2 rows x 2 accumulated, the machine's default precision) and nothing else."""
     import torch
@@ -81,19 +95,19 @@ def bare_loop(steps: int, result_path: str) -> None:
     from medgpt.evaluation import right_padded
     from medgpt.modeling import open_tokenizer
 
-    tokenizer = open_tokenizer(DEFAULT_MODEL_DIR)
+    tokenizer = open_tokenizer(model.path)
     report = DataReport("train")
     records = load_records(os.path.join(REPO, "data", "finetune"), "conversation", report, False)
-    rows = encode_conversations(records, ChatFormat.for_model("chatml", tokenizer), tokenizer, 512, False, report, False)
+    rows = encode_conversations(records, ChatFormat.for_model(model.template, tokenizer), tokenizer, 512, False, report, False)
     torch.manual_seed(42)
     order = list(LengthGroupedSampler(4, lengths=[len(row["input_ids"]) for row in rows]))
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL_DIR, dtype=torch.float32).to(device)
-    model.config.use_cache = False
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0,
-                                             task_type="CAUSAL_LM"))
-    model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    network = AutoModelForCausalLM.from_pretrained(model.path, dtype=torch.float32).to(device)
+    network.config.use_cache = False
+    network = get_peft_model(network, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0,
+                                                 task_type="CAUSAL_LM"))
+    network.train()
+    optimizer = torch.optim.AdamW([p for p in network.parameters() if p.requires_grad], lr=2e-4)
     bf16 = default_precision()[0] == "bf16"
 
     def padded(indices: list[int]) -> dict:
@@ -107,7 +121,7 @@ def bare_loop(steps: int, result_path: str) -> None:
             first = (step * 4 + micro * 2) % len(order)
             batch = padded(order[first:first + 2])
             with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
-                loss = model(**batch).loss / 2
+                loss = network(**batch).loss / 2
             loss.backward()
             tokens += int(batch["attention_mask"].sum())
         optimizer.step()
@@ -116,7 +130,7 @@ def bare_loop(steps: int, result_path: str) -> None:
     write_result(result_path, {"tokens": tokens, "tokens_per_s": round(tokens / elapsed, 1)})
 
 
-def plain_trl(steps: int, result_path: str) -> None:
+def plain_trl(model: Model, steps: int, result_path: str) -> None:
     """The reference a user would otherwise run: TRL's SFTTrainer at its own defaults (its precision,
     gradient checkpointing, padding, loss on every token, its model loading) on the same model and
     conversations, with only what the comparison fixes set: LoRA r=8 on all linear layers, 4 rows per
@@ -134,7 +148,7 @@ def plain_trl(steps: int, result_path: str) -> None:
                        per_device_train_batch_size=4, max_length=512, report_to="none", save_strategy="no",
                        include_num_input_tokens_seen="non_padding",
                        use_cpu=not torch.cuda.is_available())  # without it TRL refuses to start on a CPU
-    trainer = SFTTrainer(model=DEFAULT_MODEL_DIR, args=config, train_dataset=dataset, peft_config=LoraConfig(
+    trainer = SFTTrainer(model=model.path, args=config, train_dataset=dataset, peft_config=LoraConfig(
         r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0, task_type="CAUSAL_LM"))
     metrics = trainer.train().metrics
     tokens = trainer.state.num_input_tokens_seen
@@ -150,11 +164,12 @@ def write_result(path: str, result: dict) -> None:
         json.dump(result, handle)
 
 
-def own_process_run(mode: str, name: str, steps: int) -> dict:
+def own_process_run(mode: str, name: str, model: Model, steps: int) -> dict:
     """bare_loop or plain_trl in a process of its own (which moves to tcmalloc, as the training scripts do)."""
     result_path = os.path.join(REPO, "outputs", "benchmark", f"{mode}.json")
     os.makedirs(os.path.dirname(result_path), exist_ok=True)
-    wall, peak = run_measured([sys.executable, os.path.abspath(__file__), f"--{mode}", result_path, "--steps", str(steps)])
+    wall, peak = run_measured([sys.executable, os.path.abspath(__file__), f"--{mode}", result_path,
+                               "--steps", str(steps), *model.flags()])
     return {"run": name, **read_json(result_path), "peak_rss_gib": round(peak, 2), "wall_s": round(wall, 1)}
 
 
@@ -185,10 +200,10 @@ def read_json(path: str) -> dict:
 LORA = ["--use_peft", "True", "--target_modules", "all", "--lora_rank", "8", "--lora_dropout", "0"]
 
 
-def stage_runs(steps: int) -> list[dict]:
-    """A few steps of each alignment stage from the default model; throughput as each stage counts it."""
+def stage_runs(model: Model, steps: int) -> list[dict]:
+    """A few steps of each alignment stage; throughput as each stage counts it."""
     out = os.path.join(REPO, "outputs", "benchmark", "stages")
-    common = ["--model_name_or_path", DEFAULT_MODEL_DIR, "--template_name", "chatml", *LORA]
+    common = ["--model_name_or_path", model.path, "--template_name", model.template, *LORA]
     trainer_flags = ["--max_steps", str(steps), "--logging_steps", "5", "--save_strategy", "no", "--report_to", "none"]
     pairs = ["--train_file_dir", "data/reward", "--max_length", "384", "--max_prompt_length", "192",
              "--per_device_train_batch_size", "4", *trainer_flags]
@@ -264,6 +279,9 @@ def main():
     parser.add_argument("--stage_steps", type=int, default=10, help="steps per run of the other alignment stages")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
                         help="where to train (default: cuda where a GPU is visible, else cpu)")
+    parser.add_argument("--model", default=DEFAULT_MODEL_DIR,
+                        help="model folder to measure (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--template", default="chatml", help="its chat template (template.py name, or auto)")
     parser.add_argument("--skip_sft", action="store_true", help="do not measure SFT and DPO")
     parser.add_argument("--skip_stages", action="store_true", help="do not measure RM, ORPO, GRPO and PPO")
     parser.add_argument("--skip_pipeline", action="store_true", help="do not time scripts/run_pipeline.sh")
@@ -271,13 +289,14 @@ def main():
     parser.add_argument("--bare_loop", metavar="RESULT_JSON", help=argparse.SUPPRESS)  # the ceiling's own process
     parser.add_argument("--plain_trl", metavar="RESULT_JSON", help=argparse.SUPPRESS)  # the reference's own process
     args = parser.parse_args()
+    model = Model(args.model, args.template)
     if args.bare_loop or args.plain_trl:
         from medgpt.allocator import relaunch_with_tcmalloc
 
         relaunch_with_tcmalloc(__name__)  # the same allocator as the default run
         if args.plain_trl:
-            return plain_trl(args.steps, args.plain_trl)
-        return bare_loop(args.steps, args.bare_loop)
+            return plain_trl(model, args.steps, args.plain_trl)
+        return bare_loop(model, args.steps, args.bare_loop)
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -285,17 +304,20 @@ def main():
         raise SystemExit("error: --device cuda, but no GPU is visible")
     if device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    prepare_default_model(DEFAULT_MODEL_DIR)
+    if model.path == DEFAULT_MODEL_DIR:
+        prepare_default_model(DEFAULT_MODEL_DIR)
+    elif not os.path.isfile(os.path.join(model.path, "config.json")):
+        raise SystemExit(f"error: {model.path}: not a model folder (no config.json)")
 
     lines = []
     if not args.skip_sft:
         runs = {
-            "naive": lambda: stage_script_run("SFT naive", "scripts/run_sft.sh", args.steps, naive=True),
-            "default": lambda: stage_script_run("SFT default", "scripts/run_sft.sh", args.steps, naive=False),
-            "bare": lambda: own_process_run("bare_loop", "bare PyTorch loop, same batches", args.steps),
-            "plain trl": lambda: own_process_run("plain_trl", "TRL SFTTrainer defaults", args.steps),
-            "dpo naive": lambda: stage_script_run("DPO naive", "scripts/run_dpo.sh", args.steps, naive=True),
-            "dpo default": lambda: stage_script_run("DPO default", "scripts/run_dpo.sh", args.steps, naive=False),
+            "naive": lambda: stage_script_run("SFT naive", "scripts/run_sft.sh", model, args.steps, naive=True),
+            "default": lambda: stage_script_run("SFT default", "scripts/run_sft.sh", model, args.steps, naive=False),
+            "bare": lambda: own_process_run("bare_loop", "bare PyTorch loop, same batches", model, args.steps),
+            "plain trl": lambda: own_process_run("plain_trl", "TRL SFTTrainer defaults", model, args.steps),
+            "dpo naive": lambda: stage_script_run("DPO naive", "scripts/run_dpo.sh", model, args.steps, naive=True),
+            "dpo default": lambda: stage_script_run("DPO default", "scripts/run_dpo.sh", model, args.steps, naive=False),
         }
         if args.skip_plain_trl:
             del runs["plain trl"]
@@ -324,7 +346,8 @@ def main():
                            f"default / naive DPO: {dpo_default['tokens_per_s'] / dpo_naive['tokens_per_s']:.2f}x")
         lines += [
             f"SFT on data/finetune (`scripts/run_sft.sh`, max length 512) and DPO on data/reward (`scripts/run_dpo.sh`, "
-            f"max length 384), from SmolLM2-135M-Instruct, LoRA r=8 on all linear layers, 4 rows (pairs) per step, "
+            f"max length 384), from {os.path.basename(os.path.normpath(model.path))}, LoRA r=8 on all linear layers, "
+            "4 rows (pairs) per step, "
             f"{args.steps} steps a run, {args.repeats} runs of each, interleaved; precision: the machine's default "
             "unless noted; tokens are non-padding tokens (DPO: both answers and their prompt):\n",
             *table([*sft_rows, dpo_naive, dpo_default], gpu=device == "cuda"),
@@ -332,9 +355,10 @@ def main():
             *comparisons,
         ]
     if not args.skip_stages:
-        stages = stage_runs(args.stage_steps)
+        stages = stage_runs(model, args.stage_steps)
         lines += [
-            f"\nThe other stages from the same model, LoRA r=8, fp32, {args.stage_steps} steps each "
+            f"\nThe other stages from the same model, LoRA r=8, the machine's default precision, "
+            f"{args.stage_steps} steps each "
             f"({max(1, args.stage_steps // 2)} PPO iterations); pairs: batch 4, max length 384:\n",
             "| stage | samples/s | tokens/s | peak RSS (GiB) | wall (s) |",
             "|---|---|---|---|---|",
@@ -342,7 +366,8 @@ def main():
         lines += [f"| {r['run']} | {r['rate']} | {r['tokens_per_s']} | {r['peak_rss_gib']} | {r['wall_s']} |" for r in stages]
     if not args.skip_pipeline:
         pipeline_s, pipeline_peak = run_measured(
-            ["bash", "scripts/run_pipeline.sh"], {"OUT": "outputs/benchmark/pipeline", "PYTHON": sys.executable}
+            ["bash", "scripts/run_pipeline.sh"], {"OUT": "outputs/benchmark/pipeline", "PYTHON": sys.executable,
+                                                  "MODEL": model.path, "TEMPLATE": model.template}
         )
         lines.append(f"\nDemo pipeline (`bash scripts/run_pipeline.sh`, model already prepared): {pipeline_s:.0f} s wall, "
                      f"peak RSS {pipeline_peak:.2f} GiB.")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import FIXTURES, REPO, TORCHRUN, TOY_REWARD, ppo_log, run_script, tiny_training_flags
+from conftest import FIXTURES, REPO, TORCHRUN, TOY_REWARD, ppo_log, run_main, run_script, tiny_training_flags
 from medgpt.chat import ChatFormat
 from medgpt.data import DataReport, load_records
 from medgpt.encoding import encode_preferences
@@ -266,34 +266,35 @@ def test_ppo_raises_the_mean_reward_with_a_bounded_kl(small_vocab_model_dir, tmp
     ({"question": "Q?", "response_chosen": "good"}, "preference record has no 'response_rejected'"),
     ({"conversations": [{"from": "human", "value": "Q?"}], "chosen": "", "rejected": "bad"}, "chosen is empty"),
 ])
-def test_bad_preference_records_stop_with_file_and_line(tiny_model_dir, tmp_path, record, message):
+def test_bad_preference_records_stop_with_file_and_line(tiny_model_dir, tmp_path, record, message, capsys):
     data = tmp_path / "pairs.jsonl"
     data.write_text(json.dumps({"prompt": "fine?", "chosen": "yes", "rejected": "no"}) + "\n" + json.dumps(record) + "\n")
     for script in ("reward_modeling.py", "dpo_training.py", "orpo_training.py"):
-        result = run_script(script, "--model_name_or_path", tiny_model_dir, "--template_name", "chatml",
-                            "--train_file_dir", data, *tiny_training_flags(tmp_path / "out"))
-        assert result.returncode == 2, result.stderr[-2000:]
-        assert result.stderr.strip().splitlines()[-1] == f"error: {data}:2: {message}"
-        assert "Traceback" not in result.stderr
+        status, stderr = run_main(script, ["--model_name_or_path", tiny_model_dir, "--template_name", "chatml",
+                                           "--train_file_dir", data, *tiny_training_flags(tmp_path / "out")], capsys)
+        assert status == 2, stderr[-2000:]
+        assert stderr.strip().splitlines()[-1] == f"error: {data}:2: {message}"
+    assert not os.path.exists(tmp_path / "out")
 
 
-def test_grpo_question_without_answer_stops_when_accuracy_is_used(tiny_model_dir, tmp_path):
+def test_grpo_question_without_answer_stops_when_accuracy_is_used(tiny_model_dir, tmp_path, capsys):
     data = tmp_path / "questions.jsonl"
     data.write_text(json.dumps({"question": "Q1?", "answer": "A"}) + "\n" + json.dumps({"question": "Q2?"}) + "\n")
     for script in ("grpo_training.py", "ppo_training.py"):
-        result = run_script(script, "--model_name_or_path", tiny_model_dir, "--template_name", "chatml",
-                            "--train_file_dir", data, "--reward_funcs", "accuracy", "--output_dir", tmp_path / "out")
-        assert result.returncode == 2, result.stderr[-2000:]
-        assert result.stderr.strip().splitlines()[-1] == (
+        status, stderr = run_main(script, ["--model_name_or_path", tiny_model_dir, "--template_name", "chatml",
+                                           "--train_file_dir", data, "--reward_funcs", "accuracy",
+                                           "--output_dir", tmp_path / "out"], capsys)
+        assert status == 2, stderr[-2000:]
+        assert stderr.strip().splitlines()[-1] == (
             f"error: {data}:2: question has no 'answer', which the accuracy reward needs"
         )
 
 
-def test_unknown_flags_are_errors_in_every_stage(tiny_model_dir):
+def test_unknown_flags_are_errors_in_every_stage(tiny_model_dir, capsys):
     for script in ("reward_modeling.py", "dpo_training.py", "orpo_training.py", "grpo_training.py", "ppo_training.py"):
-        result = run_script(script, "--model_name_or_path", tiny_model_dir, "--no_such_flag", "1")
-        assert result.returncode == 2
-        assert "unrecognized arguments: --no_such_flag" in result.stderr
+        status, stderr = run_main(script, ["--model_name_or_path", tiny_model_dir, "--no_such_flag", "1"], capsys)
+        assert status == 2
+        assert "unrecognized arguments: --no_such_flag" in stderr
 
 
 # ---- several processes ----
@@ -320,7 +321,8 @@ def run_pipeline(tiny_model_dir, out, stages):
 
     env = dict(os.environ, MODEL=tiny_model_dir, OUT=str(out), STAGES=stages, PYTHON=sys.executable, PT_STEPS="2",
                SFT_STEPS="2", ALIGN_STEPS="2", MAX_COMPLETION="8", MAX_NEW_TOKENS="8", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
-               MAX_LENGTH="256", BLOCK_SIZE="64", BATCH_SIZE="2", NUM_GENERATIONS="2")  # the stage recipes read these too
+               MAX_LENGTH="256", BLOCK_SIZE="64", BATCH_SIZE="2", NUM_GENERATIONS="2",  # the stage recipes read these too
+               EVAL_QUESTIONS="4")
     return subprocess.run(["bash", os.path.join(REPO, "scripts", "run_pipeline.sh")],
                           env=env, capture_output=True, text=True, timeout=900)
 

@@ -10,14 +10,13 @@ test's folder, {out} an output folder that must not appear when the run fails, a
 by `make_inputs` (e.g. {sft}, {bad_utf8}, {config_float_steps})."""
 
 import http.server
-import importlib
 import json
 import os
 import threading
 
 import pytest
 
-from conftest import REPO, run_script
+from conftest import REPO, run_main, run_script
 
 GOOD = {"conversations": [{"from": "human", "value": "What is a fever?"}, {"from": "gpt", "value": "A raised body temperature."}]}
 PAIR = {"conversations": [{"from": "human", "value": "Can I take ibuprofen?"}], "chosen": "With food, yes.", "rejected": "Take double."}
@@ -190,19 +189,6 @@ def foreign_adapter_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("foreign_adapter")
     get_peft_model(LlamaForCausalLM(config), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(path)
     return str(path)
-
-
-def run_main(script: str, argv: list[str], capsys) -> tuple[int, str]:
-    """A script's main(argv) in this process: (exit status, what it wrote to stderr). An exception other
-    than SystemExit is a traceback the user would see, and fails the test by propagating."""
-    main = importlib.import_module(script.removesuffix(".py")).main
-    capsys.readouterr()
-    try:
-        main(argv)
-        status = 0
-    except SystemExit as exit_:
-        status = exit_.code if isinstance(exit_.code, int) else 1
-    return status, capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command, status, message", [case[1:] for case in CASES], ids=[case[0] for case in CASES])

@@ -30,7 +30,7 @@ def test_without_a_gpu_sft_pads_length_grouped_batches_with_the_library_attentio
     assert model_args.attn_implementation is None
     assert config.packing is False and config.use_liger_kernel is False
     assert arguments.describe_kernels(config) == (
-        "no packing: length-grouped padded batches (--packing True to pack); no Liger kernels")
+        "no packing: length-grouped padded batches (--packing True to pack); Liger layer kernels off (default: no GPU)")
     # Asked for, packing still happens on CPU; so does a flash kernel named by the user.
     assert parsed_sft("--packing", "True")[1].packing is True
     assert parsed_sft("--attn_implementation", "flash_attention_2")[1].packing is True
@@ -44,7 +44,8 @@ def test_a_gpu_with_flash_attn_and_liger_gets_them_by_default(gpu_with_kernels):
     assert config.use_liger_kernel is True
     # Liger's fused cross-entropy would replace the forward that holds the fused LM head.
     assert config.liger_kernel_config == {"fused_linear_cross_entropy": False}
-    assert arguments.describe_kernels(config) == "padding-free packing; Liger layer kernels"
+    assert arguments.describe_kernels(config) == (
+        "padding-free packing; Liger layer kernels on (default: liger-kernel on a CUDA GPU)")
 
 
 def test_the_user_overrides_every_kernel_default(gpu_with_kernels):
@@ -52,7 +53,10 @@ def test_the_user_overrides_every_kernel_default(gpu_with_kernels):
     assert parsed_sft(*flags, "--packing", "False")[1].packing is False
     model_args, config = parsed_sft(*flags, "--attn_implementation", "sdpa")
     assert model_args.attn_implementation == "sdpa" and config.packing is False  # sdpa: packing costs more
-    assert parsed_sft(*flags, "--use_liger_kernel", "False")[1].use_liger_kernel is False
+    config = parsed_sft(*flags, "--use_liger_kernel", "False")[1]
+    assert config.use_liger_kernel is False
+    assert arguments.describe_kernels(config).endswith(
+        "Liger layer kernels off (asked for; the default here: liger-kernel on a CUDA GPU)")
 
 
 def test_without_flash_attn_a_gpu_keeps_padded_batches(monkeypatch):
@@ -60,6 +64,7 @@ def test_without_flash_attn_a_gpu_keeps_padded_batches(monkeypatch):
     monkeypatch.setattr(arguments, "cuda_bf16_available", lambda: True)
     monkeypatch.setattr(arguments, "installed", lambda module: False)
     assert arguments.default_attention() == (None, "flash-attn is not installed")
+    assert arguments.default_liger() == (False, "liger-kernel is not installed: bash scripts/setup_env.sh --gpu")
     model_args, config = parsed_sft("--use_cpu", "True", "--bf16", "False")
     assert model_args.attn_implementation is None and config.packing is False and config.use_liger_kernel is False
 

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO, TORCHRUN, TOY_REWARD, ppo_log, run_script
-from medgpt.ppo import rollout_prompt_indices
+from medgpt.ppo import forward_answers, rollout_prompt_indices
 
 QUESTIONS = os.path.join(REPO, "data", "grpo")
 
@@ -24,6 +24,27 @@ def ppo_flags(model_dir, output_dir, *extra) -> list[str]:
 def read_json(path):
     with open(path, encoding="utf-8") as handle:
         return json.load(handle)
+
+
+def test_answer_log_probabilities_need_only_the_answers_logits(tiny_model_dir):
+    """forward_answers sends only the positions before answer tokens through the LM head: the same
+    log-probabilities and logits as slicing the whole sequence's logits, left-padded prompts included."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    sequences = torch.randint(1, 200, (3, 14), generator=torch.Generator().manual_seed(2))
+    attention_mask = torch.ones_like(sequences)
+    attention_mask[0, :3] = 0  # left-padded prompts of 9 positions, answers of 5
+    attention_mask[2, 12:] = 0  # an answer that ended early
+    logprobs, _, logits = forward_answers(model, sequences, attention_mask, 9, temperature=0.7)
+
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    every = model(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids).logits
+    expected_logits = every[:, 8:-1].float() / 0.7
+    expected = torch.log_softmax(expected_logits, -1).gather(2, sequences[:, 9:].unsqueeze(-1)).squeeze(-1)
+    assert logits.shape == (3, 5, model.config.vocab_size)
+    torch.testing.assert_close(logits, expected_logits)
+    torch.testing.assert_close(logprobs, expected)
 
 
 def test_rollout_prompts_are_a_function_of_the_step():

@@ -326,3 +326,44 @@ def test_a_training_script_runs_under_tcmalloc_where_it_is_installed(tiny_model_
                         env={"MEDGPT_ALLOCATOR": "system"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "memory allocator: system malloc (MEDGPT_ALLOCATOR=system)" in result.stderr
+
+
+def test_orpo_through_the_fused_head_gives_trls_values_and_gradients(tiny_model_dir, small_tiles, tmp_path):
+    """ORPO's two terms from per-token log-probabilities, each side cut to its own length, against TRL's
+    ORPOTrainer computing them from the full logits: the same log-probabilities, NLL and gradients."""
+    from transformers import AutoTokenizer
+
+    from orpo_training import PretokenizedORPOTrainer  # first: it silences TRL's experimental warning
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+    generator = torch.Generator().manual_seed(5)
+    ids = lambda n: torch.randint(1, 200, (n,), generator=generator).tolist()  # noqa: E731
+    rows = [{"prompt_ids": ids(prompt), "chosen_ids": ids(chosen), "rejected_ids": ids(rejected)}
+            for prompt, chosen, rejected in [(9, 30, 4), (6, 21, 7), (11, 12, 3), (5, 25, 9)]]
+    model = lora_model(tiny_model_dir)
+    config = ORPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, max_length=64, use_cpu=True,
+                        report_to="none", remove_unused_columns=False)
+    trainer = PretokenizedORPOTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows),
+                                      processing_class=AutoTokenizer.from_pretrained(tiny_model_dir))
+    batch = next(iter(trainer.get_train_dataloader()))
+    backbone_inputs = []
+    model.get_base_model().model.register_forward_pre_hook(
+        lambda module, args, kwargs: backbone_inputs.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True)
+
+    results = []
+    for forward in (ORPOTrainer.concatenated_forward, PretokenizedORPOTrainer.concatenated_forward):
+        model.zero_grad()
+        chosen, rejected, chosen_logits, rejected_logits, nll = forward(trainer, model, batch)
+        (nll + chosen.sum() - 0.5 * rejected.sum()).backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+        results.append(([chosen.detach(), rejected.detach(), nll.detach()], grads,
+                        (chosen_logits.detach().mean(), rejected_logits.detach().mean())))
+    # TRL: one forward over all 8 rows padded to the longest (9 + 30 tokens); here each side cut to its own.
+    assert backbone_inputs == [(8, 39), (4, 39), (4, 14)]
+    (theirs, their_grads, their_logits), (ours, our_grads, our_logits) = results
+    for name, their_value, our_value in zip(("chosen log-probs", "rejected log-probs", "NLL"), theirs, ours):
+        torch.testing.assert_close(our_value, their_value, rtol=1e-5, atol=1e-5 * their_value.abs().max().item(), msg=name)
+    for name, gradient in their_grads.items():
+        assert gradient.abs().max() > 0, name
+        torch.testing.assert_close(our_grads[name], gradient, rtol=1e-5, atol=1e-5 * gradient.abs().max().item())
+    assert all(torch.isfinite(value) for value in our_logits + their_logits)
