@@ -337,6 +337,7 @@ def parse_args(dataclass_types, argv: list[str] | None = None):
         raise InputError(f"invalid options: {error}".splitlines()[0]) from None
     check_outputs_apart_from_inputs(parsed)
     resolve_packing(parsed)
+    check_liger(parsed)
     for args in parsed:
         check_common_ranges(args)
         if isinstance(getattr(args, "output_dir", None), str):
@@ -357,6 +358,16 @@ def resolve_packing(parsed) -> None:
     for args in parsed:
         if hasattr(args, "packing") and args.packing is None:
             args.packing = skips_masked_blocks(attention)
+
+
+def check_liger(parsed) -> None:
+    """--use_liger_kernel True where Liger cannot run is a one-line error before any model loads."""
+    for args in parsed:
+        if getattr(args, "use_liger_kernel", False):
+            if not torch.cuda.is_available():
+                raise InputError("--use_liger_kernel True needs a CUDA GPU (Liger's kernels are Triton GPU kernels)")
+            if not installed("liger_kernel"):
+                raise InputError("--use_liger_kernel True needs liger-kernel: bash scripts/setup_env.sh --gpu")
 
 
 def describe_kernels(training_args) -> str:

@@ -292,6 +292,10 @@ class PPOTrainerLite:
             raise ValueError("the tokenizer has no end-of-turn token to stop answers at")
         if not prompts:
             raise InputError("no prompts to train on")
+        if args.use_liger_kernel:  # the layer kernels, as the Trainer applies them for the other stages
+            from transformers.integrations.liger import apply_liger_kernel
+
+            apply_liger_kernel(policy, args.liger_kernel_config)
         config = policy.config if hasattr(policy, "config") else policy.base_model.config
         self.value_head = ValueHead(config.hidden_size).to(self.device)
         self.is_peft = hasattr(policy, "peft_config")

@@ -7,6 +7,7 @@ from trl import SFTConfig
 
 from medgpt import arguments
 from medgpt.arguments import ModelArguments
+from medgpt.errors import InputError
 
 
 def parsed_sft(*flags):
@@ -31,6 +32,8 @@ def test_without_a_gpu_sft_pads_length_grouped_batches_with_the_library_attentio
     assert config.packing is False and config.use_liger_kernel is False
     assert arguments.describe_kernels(config) == (
         "no packing: length-grouped padded batches (--packing True to pack); Liger layer kernels off (default: no GPU)")
+    with pytest.raises(InputError, match="--use_liger_kernel True needs a CUDA GPU"):
+        parsed_sft("--use_liger_kernel", "True")
     # Asked for, packing still happens on CPU; so does a flash kernel named by the user.
     assert parsed_sft("--packing", "True")[1].packing is True
     assert parsed_sft("--attn_implementation", "flash_attention_2")[1].packing is True
@@ -65,6 +68,8 @@ def test_without_flash_attn_a_gpu_keeps_padded_batches(monkeypatch):
     monkeypatch.setattr(arguments, "installed", lambda module: False)
     assert arguments.default_attention() == (None, "flash-attn is not installed")
     assert arguments.default_liger() == (False, "liger-kernel is not installed: bash scripts/setup_env.sh --gpu")
+    with pytest.raises(InputError, match="needs liger-kernel: bash scripts/setup_env.sh --gpu"):
+        parsed_sft("--use_cpu", "True", "--bf16", "False", "--use_liger_kernel", "True")
     model_args, config = parsed_sft("--use_cpu", "True", "--bf16", "False")
     assert model_args.attn_implementation is None and config.packing is False and config.use_liger_kernel is False
 
