@@ -68,7 +68,10 @@ class PretokenizedORPOTrainer(GroupPairsByLength, ORPOTrainer):
         mean_logits = outputs.mean_logits
         result = (answer_logps[:chosen_rows], answer_logps[chosen_rows:], mean_logits[:chosen_rows][scored[:chosen_rows]],
                   mean_logits[chosen_rows:][scored[chosen_rows:]], nll)
-        return result + (outputs.aux_loss,) if self.aux_loss_enabled else result
+        if not self.aux_loss_enabled:
+            return result
+        # The fused head adds the router loss where the text config asks for it; ORPO reads the model's config.
+        return result + (outputs.aux_loss if outputs.aux_loss is not None else nll.new_zeros(()),)
 
     def tokenize_row(self, feature, model=None) -> dict:
         prompt = feature["prompt_ids"]

@@ -168,14 +168,25 @@ def installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def default_attention() -> tuple[str | None, str]:
-    """(attn_implementation, why): flash_attention_2 where flash-attn is installed and a CUDA GPU runs it,
-    else None, the library's choice (sdpa)."""
-    if not torch.cuda.is_available():
+def flash_attn_usable() -> bool:
+    """flash-attn importable in a version transformers can use (not only present on disk)."""
+    from transformers.utils import is_flash_attn_2_available
+
+    return is_flash_attn_2_available()
+
+
+def default_attention(on_gpu: bool, torch_dtype: str = "auto") -> tuple[str | None, str]:
+    """(attn_implementation, why): flash_attention_2 where flash-attn can run (an Ampere or newer GPU,
+    half-precision weights), else None, the library's choice (sdpa)."""
+    if not on_gpu:
         return None, "no GPU"
-    if not installed("flash_attn"):
+    if torch.cuda.get_device_capability()[0] < 8:
+        return None, "flash attention needs an Ampere or newer GPU"
+    if torch_dtype not in ("auto", "bfloat16", "float16"):
+        return None, f"--torch_dtype {torch_dtype}: flash attention needs bf16 or fp16 weights"
+    if not flash_attn_usable():
         return None, "flash-attn is not installed"
-    return "flash_attention_2", "flash-attn on a CUDA GPU"
+    return "flash_attention_2", "flash-attn on an Ampere or newer GPU"
 
 
 def skips_masked_blocks(attn_implementation: str | None) -> bool:
@@ -187,14 +198,19 @@ def skips_masked_blocks(attn_implementation: str | None) -> bool:
     return name.startswith("flash_attention") or "flash-attn" in name or "flash_attn" in name
 
 
-def default_liger() -> tuple[bool, str]:
+def default_liger(on_gpu: bool) -> tuple[bool, str]:
     """(on, why): Liger's Triton layer kernels (RMSNorm, RoPE, SwiGLU) where liger-kernel is installed and a
     CUDA GPU runs them."""
-    if not torch.cuda.is_available():
+    if not on_gpu:
         return False, "no GPU"
     if not installed("liger_kernel"):
         return False, "liger-kernel is not installed: bash scripts/setup_env.sh --gpu"
     return True, "liger-kernel on a CUDA GPU"
+
+
+def trains_on_gpu(parsed) -> bool:
+    """A GPU is visible and --use_cpu did not set it aside."""
+    return torch.cuda.is_available() and not any(getattr(args, "use_cpu", False) for args in parsed)
 
 
 def hardware_defaults(parser: HfArgumentParser) -> dict:
@@ -202,7 +218,6 @@ def hardware_defaults(parser: HfArgumentParser) -> dict:
     stage: TensorBoard logs, token counts, no gradient checkpointing unless asked."""
     known = {action.dest for action in parser._actions}
     precision, _ = default_precision()
-    liger, _ = default_liger()
     defaults = {
         "bf16": precision == "bf16",
         "fp16": precision == "fp16",
@@ -212,12 +227,9 @@ def hardware_defaults(parser: HfArgumentParser) -> dict:
         "gradient_checkpointing": None,
         "report_to": ["tensorboard"],
         "ddp_find_unused_parameters": False,
-        "attn_implementation": default_attention()[0],
-        "packing": None,  # resolved after parsing, from the attention kernel (resolve_packing)
-        "use_liger_kernel": liger,
-        # Liger's fused linear cross-entropy would replace the forward that carries the toolkit's fused LM
-        # head (TRL's trainers refuse it); its layer kernels are what is left to gain.
-        "liger_kernel_config": {"fused_linear_cross_entropy": False} if liger else None,
+        # Resolved after parsing (resolve_kernels), where --use_cpu and --torch_dtype are known.
+        "packing": None,
+        "use_liger_kernel": None,
     }
     return {key: value for key, value in defaults.items() if key in known}
 
@@ -336,8 +348,7 @@ def parse_args(dataclass_types, argv: list[str] | None = None):
         # Dataclass validation (e.g. TrainingArguments.__post_init__) rejects a combination of options.
         raise InputError(f"invalid options: {error}".splitlines()[0]) from None
     check_outputs_apart_from_inputs(parsed)
-    resolve_packing(parsed)
-    check_liger(parsed)
+    resolve_kernels(parsed)
     for args in parsed:
         check_common_ranges(args)
         if isinstance(getattr(args, "output_dir", None), str):
@@ -351,23 +362,37 @@ def parse_args(dataclass_types, argv: list[str] | None = None):
     return parsed
 
 
-def resolve_packing(parsed) -> None:
-    """SFT packs rows padding-free by default where the attention kernel skips the blocks between packed
-    samples (flash attention on a GPU), and pads length-grouped batches elsewhere; --packing decides."""
-    attention = next((args.attn_implementation for args in parsed if hasattr(args, "attn_implementation")), None)
+def resolve_kernels(parsed) -> None:
+    """The GPU kernels a run uses unless its flags say otherwise: flash attention where it can run; SFT
+    packs rows padding-free where the attention kernel skips the blocks between packed samples, and pads
+    length-grouped batches elsewhere; Liger's layer kernels where installed. --use_liger_kernel True where
+    Liger cannot run is a one-line error before any model loads."""
+    on_gpu = trains_on_gpu(parsed)
+    attention = None
     for args in parsed:
-        if hasattr(args, "packing") and args.packing is None:
-            args.packing = skips_masked_blocks(attention)
-
-
-def check_liger(parsed) -> None:
-    """--use_liger_kernel True where Liger cannot run is a one-line error before any model loads."""
+        if hasattr(args, "attn_implementation"):
+            if args.attn_implementation is None:
+                args.attn_implementation = default_attention(on_gpu, getattr(args, "torch_dtype", "auto"))[0]
+            attention = args.attn_implementation
     for args in parsed:
-        if getattr(args, "use_liger_kernel", False):
-            if not torch.cuda.is_available():
-                raise InputError("--use_liger_kernel True needs a CUDA GPU (Liger's kernels are Triton GPU kernels)")
-            if not installed("liger_kernel"):
-                raise InputError("--use_liger_kernel True needs liger-kernel: bash scripts/setup_env.sh --gpu")
+        if hasattr(args, "packing"):
+            if args.packing is None:
+                args.packing = skips_masked_blocks(attention)
+            if args.packing and getattr(args, "include_num_input_tokens_seen", None) in ("no", "non_padding"):
+                # Padding-free batches have no attention mask and no padding: transformers would count the
+                # tokens that equal the pad token (often the end-of-turn token) as padding.
+                args.include_num_input_tokens_seen = "all"
+        if hasattr(args, "use_liger_kernel"):
+            if args.use_liger_kernel is None:
+                args.use_liger_kernel = default_liger(on_gpu)[0]
+            if args.use_liger_kernel:
+                if not on_gpu:
+                    raise InputError("--use_liger_kernel True needs a CUDA GPU (Liger's kernels are Triton GPU kernels)")
+                if not installed("liger_kernel"):
+                    raise InputError("--use_liger_kernel True needs liger-kernel: bash scripts/setup_env.sh --gpu")
+                # Liger's fused linear cross-entropy would replace the forward that carries the toolkit's
+                # fused LM head; its layer kernels are what there is to gain.
+                args.liger_kernel_config = {**(args.liger_kernel_config or {}), "fused_linear_cross_entropy": False}
 
 
 def describe_kernels(training_args) -> str:
@@ -377,7 +402,7 @@ def describe_kernels(training_args) -> str:
     if hasattr(training_args, "packing"):
         parts.append("padding-free packing" if training_args.packing else
                      "no packing: length-grouped padded batches (--packing True to pack)")
-    liger, why = default_liger()
+    liger, why = default_liger(trains_on_gpu([training_args]))
     chosen = bool(getattr(training_args, "use_liger_kernel", False))
     parts.append(f"Liger layer kernels {'on' if chosen else 'off'} "
                  f"({'default: ' + why if chosen == liger else 'asked for; the default here: ' + why})")

@@ -21,6 +21,7 @@ import contextlib
 import copy
 import glob
 import hashlib
+import inspect
 import json
 import logging
 import math
@@ -240,17 +241,26 @@ def _yielding(context, model):
         yield model
 
 
+def takes_logits_to_keep(model) -> bool:
+    """Whether the (LoRA-wrapped) model's forward names logits_to_keep: every causal LM of transformers
+    does; older remote-code models may not."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
 def forward_answers(model, sequences, attention_mask, prompt_length, temperature, value_head=None):
     """Log-probabilities of the answer tokens (and values of the states before them, and the logits)."""
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding must not shift positions
-    # Only the positions that predict an answer token go through the LM head: the prompts' logits (batch x
-    # prompt length x vocabulary) would be computed and held for nothing.
+    # Only the positions that predict an answer token need the LM head: the prompts' logits (batch x prompt
+    # length x vocabulary) would be computed and held for nothing. (A model that cannot skip them still
+    # gets the same slice.)
+    kept = sequences.shape[1] - prompt_length + 1
     output = model(
         input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids,
         output_hidden_states=value_head is not None, use_cache=False,
-        logits_to_keep=sequences.shape[1] - prompt_length + 1,
+        **({"logits_to_keep": kept} if takes_logits_to_keep(model) else {}),
     )
-    logits = output.logits[:, -(sequences.shape[1] - prompt_length + 1) : -1].float() / temperature
+    logits = output.logits[:, -kept:-1].float() / temperature
     answers = sequences[:, prompt_length:]
     logprobs = torch.gather(F.log_softmax(logits, dim=-1), 2, answers.unsqueeze(-1)).squeeze(-1)
     values = None

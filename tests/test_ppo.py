@@ -46,6 +46,12 @@ def test_answer_log_probabilities_need_only_the_answers_logits(tiny_model_dir):
     torch.testing.assert_close(logits, expected_logits)
     torch.testing.assert_close(logprobs, expected)
 
+    # A forward without logits_to_keep (older remote-code models) is called without it, to the same result.
+    plain_forward = model.forward
+    model.forward = lambda input_ids, attention_mask, position_ids, output_hidden_states, use_cache: plain_forward(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=use_cache)
+    torch.testing.assert_close(forward_answers(model, sequences, attention_mask, 9, temperature=0.7)[0], expected)
+
 
 def test_rollout_prompts_are_a_function_of_the_step():
     # one epoch of 10 prompts at 2 x 2 per iteration: 2 iterations, 8 distinct prompts, the processes disjoint
