@@ -5,7 +5,6 @@ file; flags given after it override the file. Unknown flags and unknown config k
 """
 
 import argparse
-import importlib.util
 import json
 import logging
 import os
@@ -164,15 +163,18 @@ def describe_precision(training_args) -> str:
     return f"{shown} (default: {reason}{off})"
 
 
-def installed(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
-
-
 def flash_attn_usable() -> bool:
     """flash-attn importable in a version transformers can use (not only present on disk)."""
     from transformers.utils import is_flash_attn_2_available
 
     return is_flash_attn_2_available()
+
+
+def liger_usable() -> bool:
+    """liger-kernel in a version the Trainer accepts (its own check, which it raises on otherwise)."""
+    from transformers.utils import is_liger_kernel_available
+
+    return is_liger_kernel_available()
 
 
 def default_attention(on_gpu: bool, torch_dtype: str = "auto") -> tuple[str | None, str]:
@@ -203,7 +205,7 @@ def default_liger(on_gpu: bool) -> tuple[bool, str]:
     CUDA GPU runs them."""
     if not on_gpu:
         return False, "no GPU"
-    if not installed("liger_kernel"):
+    if not liger_usable():
         return False, "liger-kernel is not installed: bash scripts/setup_env.sh --gpu"
     return True, "liger-kernel on a CUDA GPU"
 
@@ -388,7 +390,7 @@ def resolve_kernels(parsed) -> None:
             if args.use_liger_kernel:
                 if not on_gpu:
                     raise InputError("--use_liger_kernel True needs a CUDA GPU (Liger's kernels are Triton GPU kernels)")
-                if not installed("liger_kernel"):
+                if not liger_usable():
                     raise InputError("--use_liger_kernel True needs liger-kernel: bash scripts/setup_env.sh --gpu")
                 # Liger's fused linear cross-entropy would replace the forward that carries the toolkit's
                 # fused LM head; its layer kernels are what there is to gain.

@@ -155,7 +155,7 @@ def finish_training(trainer, tokenizer, training_args, evaluate: bool = False) -
     if tokens:
         metrics["train_tokens"] = tokens
         metrics["train_tokens_per_second"] = round(tokens / max(metrics.get("train_runtime", 0), 1e-9), 1)
-    if torch.cuda.is_available() and training_args.device.type == "cuda":
+    if training_args.device.type == "cuda":
         # What decides which model fits: the most GPU memory tensors took at once (this process's GPU).
         metrics["train_peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     if evaluate:

@@ -33,7 +33,7 @@ def gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.setattr(arguments, "flash_attn_usable", lambda: True)
-    monkeypatch.setattr(arguments, "installed", lambda module: module == "liger_kernel")
+    monkeypatch.setattr(arguments, "liger_usable", lambda: True)
     return monkeypatch
 
 
@@ -93,7 +93,7 @@ def test_where_flash_attention_cannot_run_a_gpu_keeps_padded_batches(gpu):
     # neither package installed
     gpu.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     gpu.setattr(arguments, "flash_attn_usable", lambda: False)
-    gpu.setattr(arguments, "installed", lambda module: False)
+    gpu.setattr(arguments, "liger_usable", lambda: False)
     assert arguments.default_attention(True) == (None, "flash-attn is not installed")
     assert arguments.default_liger(True) == (False, "liger-kernel is not installed: bash scripts/setup_env.sh --gpu")
     with pytest.raises(InputError, match="needs liger-kernel: bash scripts/setup_env.sh --gpu"):
