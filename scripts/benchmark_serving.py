@@ -2,7 +2,7 @@
 openai_api.py and, in the same run, `transformers serve` on the same model.
 
     python scripts/benchmark_serving.py                       # the default model, 1 4 8 16 clients
-    python scripts/benchmark_serving.py --model outputs/pipeline/merged --clients 1 8 --requests 4
+    python scripts/benchmark_serving.py --model outputs/pipeline/dpo-merged --clients 1 8 --requests 4
 
 Each client sends --requests streaming chat completions one after another (greedy, --max_tokens tokens,
 usage included) with questions from data/eval/questions.jsonl. Reported per server and level: requests/s,

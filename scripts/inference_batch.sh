@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Answer a question file in batches: one process (inference.py), or NPROC processes / GPUs
 # (inference_multigpu_demo.py: each takes its share, the output stays in input order and resumes).
-# Override any setting: MODEL=outputs/pipeline/merged NPROC=4 bash scripts/inference_batch.sh [extra flags]
+# Override any setting: MODEL=outputs/pipeline/dpo-merged NPROC=4 bash scripts/inference_batch.sh [extra flags]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/common.sh

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Serve a model through the OpenAI-compatible API (openai_api.py) on 127.0.0.1:PORT.
-# Override any setting: MODEL=outputs/pipeline/merged PORT=8001 API_KEY=secret bash scripts/serve_api.sh [extra flags]
+# Override any setting: MODEL=outputs/pipeline/dpo-merged PORT=8001 API_KEY=secret bash scripts/serve_api.sh [extra flags]
 # LORA_MODULES="doctor=outputs/sft nurse=outputs/sft2" serves adapters next to the model, chosen by `model`.
 set -euo pipefail
 cd "$(dirname "$0")/.."

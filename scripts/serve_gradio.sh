@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The chat page (gradio_demo.py) on http://127.0.0.1:PORT.
-# Override any setting: MODEL=outputs/pipeline/merged PORT=7861 bash scripts/serve_gradio.sh [--share True]
+# Override any setting: MODEL=outputs/pipeline/dpo-merged PORT=7861 bash scripts/serve_gradio.sh [--share True]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/common.sh
