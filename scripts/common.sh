@@ -1,5 +1,23 @@
-# Sourced by the run_*.sh scripts: how to launch a stage on one process or several.
-PYTHON=${PYTHON:-python}
+# Sourced by the scripts (from the repository root): which Python, and how to launch a stage on one
+# process or several.
+
+# A new shell need not activate anything: the project's .venv (scripts/setup_env.sh) unless PYTHON names
+# another interpreter; without .venv, a python on PATH that imports torch; else one line saying what to do.
+if [ -z "${PYTHON:-}" ]; then
+  if [ -x .venv/bin/python ]; then
+    PYTHON=$PWD/.venv/bin/python   # absolute: the stage scripts export it to their children
+  else
+    for candidate in python python3; do
+      if command -v "$candidate" > /dev/null && "$candidate" -c "import torch" 2> /dev/null; then
+        PYTHON=$candidate; break
+      fi
+    done
+    if [ -z "${PYTHON:-}" ]; then
+      echo "error: no .venv and no python with torch on PATH: run: bash scripts/setup_env.sh" >&2
+      exit 2
+    fi
+  fi
+fi
 NPROC=${NPROC:-1}
 
 launch() {
