@@ -24,8 +24,10 @@ from medgpt.chat import ChatFormat
 from medgpt.data import load_question_splits
 from medgpt.errors import InputError, exit_on_input_error
 from medgpt.modeling import load_tokenizer, prepare_model
+from medgpt.outputs import start_run
 from medgpt.ppo import PPOArguments, PPORewardArguments, PPOTrainerLite
 from medgpt.rewards import build_reward_functions
+from medgpt.training import disk_full_in
 
 
 @exit_on_input_error
@@ -48,8 +50,10 @@ def main(argv=None):
     if not (model_args.load_in_4bit or model_args.load_in_8bit):  # quantized weights are placed when loaded
         policy = policy.to(ppo_args.device)
     trainer = PPOTrainerLite(ppo_args, policy, tokenizer, chat_format, prompts, reward_functions, weights)
-    trainer.train(resume_from_checkpoint=ppo_args.resume_from_checkpoint)
-    trainer.save_model()
+    start_run(ppo_args.output_dir, ppo_args.resume_from_checkpoint, ppo_args.overwrite_output_dir, ppo_args.process_index == 0)
+    with disk_full_in(ppo_args.output_dir):
+        trainer.train(resume_from_checkpoint=ppo_args.resume_from_checkpoint)
+        trainer.save_model()
 
 
 if __name__ == "__main__":

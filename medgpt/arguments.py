@@ -18,7 +18,10 @@ from transformers import HfArgumentParser
 
 from medgpt.allocator import describe_allocator
 from medgpt.errors import InputError
-from medgpt.outputs import check_output_dir, resolve_checkpoint, same_folder
+from medgpt.outputs import (
+    check_apart_from_inputs, check_earlier_run, check_inputs_outside_checkpoints, check_output_dir, resolve_checkpoint,
+    same_folder,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -327,10 +330,21 @@ class SharedFieldParser(HfArgumentParser):
         return outputs
 
 
+@dataclass
+class StartOverArguments:
+    """Added to every training stage's flags (those with --resume_from_checkpoint) by parse_args and set on
+    its training arguments: transformers 5 removed TrainingArguments.overwrite_output_dir."""
+
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "Start over in an --output_dir that holds an earlier run's checkpoint-N folders, removing them when "
+                "training starts. Without it such a run stops before any work and says how to resume."})
+
+
 def parse_args(dataclass_types, argv: list[str] | None = None):
     """Parse `[config.yaml|config.json] [--flag value ...]` into the given dataclasses."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = SharedFieldParser(dataclass_types, allow_abbrev=False)
+    trains = any("resume_from_checkpoint" in dataclass_fields(dtype) for dtype in dataclass_types)
+    parser = SharedFieldParser(tuple(dataclass_types) + ((StartOverArguments,) if trains else ()), allow_abbrev=False)
     parser.set_defaults(**hardware_defaults(parser))
     if argv and argv[0].endswith((".yaml", ".yml", ".json")) and not argv[0].startswith("-"):
         config_path = argv.pop(0)
@@ -349,6 +363,11 @@ def parse_args(dataclass_types, argv: list[str] | None = None):
     except (ValueError, TypeError) as error:
         # Dataclass validation (e.g. TrainingArguments.__post_init__) rejects a combination of options.
         raise InputError(f"invalid options: {error}".splitlines()[0]) from None
+    if trains:
+        overwrite = parsed.pop().overwrite_output_dir
+        for args in parsed:
+            if hasattr(args, "resume_from_checkpoint"):
+                args.overwrite_output_dir = overwrite
     check_outputs_apart_from_inputs(parsed)
     resolve_kernels(parsed)
     for args in parsed:
@@ -357,6 +376,9 @@ def parse_args(dataclass_types, argv: list[str] | None = None):
             check_output_dir(args.output_dir)
             if hasattr(args, "resume_from_checkpoint"):
                 args.resume_from_checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
+                check_earlier_run(args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
+                if args.overwrite_output_dir:
+                    check_inputs_outside_checkpoints(args.output_dir, input_paths(parsed))
         # Count the tokens trained on (logged as num_input_tokens_seen); argparse cannot take this
         # string as a default for the field's bool-or-string type, hence here.
         if getattr(args, "include_num_input_tokens_seen", None) == "no":
@@ -414,14 +436,23 @@ def describe_kernels(training_args) -> str:
 # Folders a run reads from that its --output_dir must not be: writing the result there would replace them.
 # (merge_peft_adapter.py checks its own inputs: its base model may come from the adapter's config.)
 INPUT_FOLDERS = ("model_name_or_path", "tokenizer_name_or_path", "reward_model_path")
+# Data folders, read recursively: --output_dir may not be inside them either.
+DATA_FOLDERS = ("train_file_dir", "validation_file_dir")
+
+
+def input_paths(parsed) -> list[tuple[str, str]]:
+    """(--flag, path) of everything a run reads."""
+    names = INPUT_FOLDERS + DATA_FOLDERS + ("peft_path",)
+    return [(f"--{name}", getattr(args, name)) for args in parsed for name in names if getattr(args, name, None)]
 
 
 def check_outputs_apart_from_inputs(parsed) -> None:
-    values = {name: getattr(args, name) for args in parsed for name in INPUT_FOLDERS + ("output_dir",) if hasattr(args, name)}
+    values = {name: getattr(args, name) for args in parsed for name in INPUT_FOLDERS + DATA_FOLDERS + ("output_dir",) if hasattr(args, name)}
     for name in INPUT_FOLDERS:
         if same_folder(values.get("output_dir"), values.get(name)):
             raise InputError(f"--output_dir is the --{name} folder, which the results would replace: write elsewhere",
                              values["output_dir"])
+    check_apart_from_inputs(values.get("output_dir"), [(f"--{name}", values.get(name)) for name in DATA_FOLDERS])
 
 
 def require(condition: bool, flag: str, rule: str, value) -> None:

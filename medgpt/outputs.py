@@ -11,7 +11,7 @@ import re
 import shutil
 import tempfile
 
-from medgpt.errors import InputError
+from medgpt.errors import InputError, disk_full_error, is_disk_full
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +76,10 @@ def check_output_file(path: str | None, flag: str = "--output_file") -> None:
         raise InputError(f"{flag} is required")
     if os.path.isdir(path):
         raise InputError(f"{flag} is a folder, not a file", path)
+    if os.path.exists(path) and not os.path.isfile(path):
+        # A device or a pipe: results are written beside the target and renamed over it, which would
+        # replace the device node itself.
+        raise InputError(f"{flag} is not a regular file", path)
     _check_creatable(os.path.dirname(os.path.abspath(path)), flag, path)
 
 
@@ -91,9 +95,12 @@ def atomic_write(path: str, mode: str = "w", encoding: str | None = "utf-8"):
             yield stream
         os.chmod(temporary, 0o666 & ~UMASK)  # mkstemp makes it private; results are ordinary files
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
             os.remove(temporary)
+        if isinstance(error, Exception) and is_disk_full(error):
+            # A write error names no file (or the temporary one): name the result that could not be written.
+            raise disk_full_error(path) from error
         raise
 
 
@@ -142,7 +149,10 @@ def staging_folder(output_dir: str):
     os.makedirs(staging)
     try:
         yield staging
-    except BaseException:
+    except BaseException as error:
+        if isinstance(error, Exception) and is_disk_full(error, output_dir):
+            shutil.rmtree(staging, ignore_errors=True)  # half written: nothing in it is worth the space
+            raise disk_full_error(output_dir) from error
         if os.path.isdir(staging) and os.listdir(staging):
             logger.error("the new files are left in %s", staging)
         raise
@@ -190,22 +200,142 @@ def list_checkpoints(output_dir: str) -> list[str]:
     return sorted(folders, key=checkpoint_step)
 
 
-def is_trainer_checkpoint(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "trainer_state.json"))
+TRAINER_STATE = "trainer_state.json"  # the trainer writes it last into a checkpoint
 
 
-def resolve_checkpoint(value, output_dir: str, is_checkpoint=is_trainer_checkpoint) -> str | None:
-    """--resume_from_checkpoint: a checkpoint folder, True/last for the newest one in output_dir, or
-    False/none for none; checked before any work."""
+def _has_optimizer_state(path: str) -> bool:
+    """optimizer.pt (or .bin), FSDP's optimizer_* folders, or DeepSpeed's global_step* folder."""
+    entries = [os.path.join(path, name) for name in os.listdir(path) if "optimizer" in name or name.startswith("global_step")]
+    return any(os.path.isdir(entry) or (os.path.isfile(entry) and os.path.getsize(entry) > 0) for entry in entries)
+
+
+def _has_checkpoint_weights(path: str) -> bool:
+    return has_weights(path) or any(name.startswith(("pytorch_model_fsdp", "global_step")) for name in os.listdir(path))
+
+
+def checkpoint_global_step(path: str) -> int:
+    """The step a checkpoint was saved at, from its trainer_state.json; ValueError when that is damaged."""
+    try:
+        with open(os.path.join(path, TRAINER_STATE), encoding="utf-8") as handle:
+            step = json.load(handle)["global_step"]
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+        raise ValueError(f"{TRAINER_STATE} is damaged (not the JSON a trainer writes)") from None
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise ValueError(f"{TRAINER_STATE} is damaged (global_step {step!r})")
+    return step
+
+
+def checkpoint_problem(path: str, required_files: tuple[str, ...] = ()) -> str | None:
+    """Why a checkpoint folder cannot be resumed from, or None. The trainer writes trainer_state.json last,
+    so a save cut off by a crash, a kill or a full disk lacks it; the rest finds damage done later.
+    A --save_only_model checkpoint has no optimizer state and cannot be resumed either."""
+    if not os.path.isfile(os.path.join(path, TRAINER_STATE)):
+        return f"no {TRAINER_STATE}"
+    try:
+        checkpoint_global_step(path)
+    except ValueError as error:
+        return str(error)
+    except OSError as error:
+        return f"cannot read {TRAINER_STATE}: {error.strerror}"
+    if not _has_checkpoint_weights(path):
+        return "no model weights"
+    if not _has_optimizer_state(path):
+        return "no optimizer state (optimizer.pt)"
+    missing = [name for name in required_files if not os.path.isfile(os.path.join(path, name))]
+    if missing:
+        return f"no {', '.join(missing)}"
+    return None
+
+
+def resolve_checkpoint(value, output_dir: str, required_files: tuple[str, ...] = ()) -> str | None:
+    """--resume_from_checkpoint: a checkpoint folder, True/last for the newest complete one in output_dir
+    (damaged newer ones are skipped with a warning), or False/none for none; checked before any work."""
     if value is None or str(value).lower() in ("false", "none", ""):
         return None
     if str(value).lower() in ("true", "last"):
-        found = [p for p in list_checkpoints(output_dir) if is_checkpoint(p)]
+        found = list_checkpoints(output_dir)
         if not found:
             raise InputError("no checkpoint-N folder to resume from (--resume_from_checkpoint)", output_dir)
-        return found[-1]
+        for folder in reversed(found):
+            problem = checkpoint_problem(folder, required_files)
+            if problem is None:
+                return folder
+            logger.warning("skipping the damaged checkpoint %s (%s): trying the one before it", folder, problem)
+        raise InputError(f"no complete checkpoint to resume from (--resume_from_checkpoint): all {len(found)} "
+                         "checkpoint-N folders are damaged", output_dir)
     if not os.path.isdir(value):
         raise InputError("checkpoint folder not found (--resume_from_checkpoint)", value)
-    if not is_checkpoint(value):
-        raise InputError("not a checkpoint folder (--resume_from_checkpoint): no trainer_state.json or its companions", value)
+    problem = checkpoint_problem(value, required_files)
+    if problem == f"no {TRAINER_STATE}":
+        raise InputError(f"not a checkpoint folder (--resume_from_checkpoint): {problem}", value)
+    if problem:
+        raise InputError(f"cannot resume from this checkpoint (--resume_from_checkpoint): {problem}", value)
     return value
+
+
+def check_earlier_run(output_dir: str, resume_from_checkpoint: str | None, overwrite: bool) -> None:
+    """Before any work: a run that neither resumes nor starts over must not write its checkpoints over an
+    earlier run's (the trainer would overwrite them one by one, leaving a mix)."""
+    found = list_checkpoints(output_dir)
+    if overwrite and resume_from_checkpoint:
+        raise InputError("--overwrite_output_dir True starts over, --resume_from_checkpoint continues: give one of them")
+    if found and not overwrite and not resume_from_checkpoint:
+        raise InputError(f"{output_dir} holds an earlier run's checkpoints, the newest this one: pass "
+                         "--resume_from_checkpoint last (or a checkpoint folder) to continue that run, or "
+                         "--overwrite_output_dir True to start over (its checkpoint-N folders are removed)", found[-1])
+
+
+def start_run(output_dir: str, resume_from_checkpoint: str | None, overwrite: bool, main_process: bool) -> None:
+    """At the start of training, after the data and model are ready: say where a resumed run starts, or
+    remove the earlier run's checkpoints when starting over (a later --resume_from_checkpoint last must not
+    find them)."""
+    if resume_from_checkpoint:
+        logger.info("resuming from %s (step %d)", resume_from_checkpoint, checkpoint_global_step(resume_from_checkpoint))
+    elif overwrite and main_process:
+        removed = list_checkpoints(output_dir)
+        for folder in removed:
+            shutil.rmtree(folder)
+        if removed:
+            logger.info("starting over (--overwrite_output_dir True): removed the earlier run's %s from %s",
+                        ", ".join(os.path.basename(folder) for folder in removed), output_dir)
+
+
+def remove_incomplete_checkpoint(path: str) -> bool:
+    """Remove a checkpoint folder whose saving failed (it could never be resumed); whether there was one."""
+    if os.path.isdir(path) and checkpoint_problem(path) is not None:
+        shutil.rmtree(path, ignore_errors=True)
+        return True
+    return False
+
+
+# ---- outputs apart from inputs ----
+
+
+def _is_within(path: str, folder: str) -> bool:
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def check_apart_from_inputs(output: str | None, inputs, flag: str = "--output_dir") -> None:
+    """Refuse an output (file or folder) that is, or lies inside, an input data folder: data folders are
+    read recursively, so what this run writes there (a model's JSON files, converted records, statistics)
+    would be read as data by the next run on that folder. `inputs`: (flag, path) pairs; files, missing
+    paths and None are passed over (an input file is checked by the tools' own output checks)."""
+    if not output:
+        return
+    for input_flag, path in inputs:
+        if not path or not os.path.isdir(path) or not _is_within(output, path):
+            continue
+        where = "is the" if os.path.realpath(output) == os.path.realpath(path) else "is inside the"
+        raise InputError(f"{flag} {where} {input_flag} folder ({path}), which is read as data, all files below it: "
+                         "write elsewhere", output)
+
+
+def check_inputs_outside_checkpoints(output_dir: str, inputs) -> None:
+    """With --overwrite_output_dir True the earlier checkpoints are removed: none may be read by this run
+    (e.g. --peft_path OUTPUT_DIR/checkpoint-500)."""
+    for folder in list_checkpoints(output_dir):
+        for input_flag, path in inputs:
+            if path and os.path.exists(path) and _is_within(path, folder):
+                raise InputError(f"{input_flag} is inside {folder}, which --overwrite_output_dir True would remove: "
+                                 "copy it elsewhere first, or resume (--resume_from_checkpoint)", path)

@@ -45,7 +45,8 @@ from medgpt.rewards import RewardArguments
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_FILES = ("trainer_state.json", "value_head.safetensors", "optimizer.pt", "scheduler.pt")
+# What a PPO checkpoint holds besides the trainer state, weights and optimizer, for a resumed run to restore.
+CHECKPOINT_FILES = ("value_head.safetensors", "optimizer.pt", "scheduler.pt")
 
 
 @dataclass
@@ -99,7 +100,7 @@ class PPOArguments(TrainingArguments):
         if self.save_strategy == "best":
             raise InputError("--save_strategy best is not supported by ppo_training.py (no evaluation): use steps, epoch or no")
         if self.resume_from_checkpoint is not None:
-            self.resume_from_checkpoint = resolve_checkpoint(self.resume_from_checkpoint, self.output_dir, is_checkpoint)
+            self.resume_from_checkpoint = resolve_checkpoint(self.resume_from_checkpoint, self.output_dir, CHECKPOINT_FILES)
 
 
 @dataclass
@@ -118,11 +119,6 @@ class PPORewardArguments(RewardArguments):
         names = [name.strip() for name in self.reward_funcs.split(",")]
         if "model" in names and not self.reward_model_path:
             raise InputError("--reward_funcs model needs --reward_model_path")
-
-
-def is_checkpoint(path: str) -> bool:
-    """A PPO checkpoint: its trainer state and everything a resumed run restores."""
-    return all(os.path.isfile(os.path.join(path, name)) for name in CHECKPOINT_FILES)
 
 
 def derived_seed(*parts) -> int:

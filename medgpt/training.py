@@ -1,8 +1,10 @@
 """What every stage does around its trainer: train, report, save."""
 
+import contextlib
 import functools
 import logging
 import os
+import shutil
 
 import torch
 from peft import PeftModel
@@ -11,7 +13,9 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from trl.trainer.utils import add_fused_lm_head
 
 from medgpt.cpu_logprobs import use_frozen_head_logprobs
+from medgpt.errors import close_progress_bars, disk_full_error, is_disk_full
 from medgpt.modeling import save_model_and_tokenizer
+from medgpt.outputs import remove_incomplete_checkpoint, staging_path, start_run
 
 logger = logging.getLogger(__name__)
 
@@ -145,11 +149,40 @@ def forward_pair_sides_apart(model) -> None:
     model.forward = forward
 
 
+@contextlib.contextmanager
+def disk_full_in(output_dir: str):
+    """A write in the block that finds the disk full is reported as one naming output_dir (the libraries'
+    errors name no file), and the half-written model in the staging folder is removed: the model is
+    written whole there before anything is moved into output_dir."""
+    try:
+        yield
+    except Exception as error:
+        if not is_disk_full(error, output_dir):
+            raise
+        shutil.rmtree(staging_path(output_dir), ignore_errors=True)
+        raise disk_full_error(output_dir) from error
+
+
 def finish_training(trainer, tokenizer, training_args, evaluate: bool = False) -> dict:
     """Train (resuming if asked), save the model with its tokenizer, log metrics and where it all went."""
     logger.info("training on %d process(es), %s", training_args.world_size, training_args.device)
-    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_state()  # trainer_state.json: steps, losses, tokens seen
+    start_run(training_args.output_dir, training_args.resume_from_checkpoint,
+              getattr(training_args, "overwrite_output_dir", False), trainer.is_world_process_zero())
+    try:
+        result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    except Exception as error:
+        if not is_disk_full(error, training_args.output_dir):
+            raise
+        # The trainer writes checkpoints in place: the one it was writing is incomplete and can never be
+        # resumed, so it goes (freeing its space); the earlier ones stay for --resume_from_checkpoint last.
+        close_progress_bars()
+        checkpoint = os.path.join(training_args.output_dir, f"checkpoint-{trainer.state.global_step}")
+        removed = trainer.is_world_process_zero() and remove_incomplete_checkpoint(checkpoint)
+        if removed:
+            logger.error("removed the incomplete %s", checkpoint)
+        raise disk_full_error(checkpoint if removed else training_args.output_dir) from error
+    with disk_full_in(training_args.output_dir):
+        trainer.save_state()  # trainer_state.json: steps, losses, tokens seen
     metrics = dict(result.metrics)
     tokens = trainer.state.num_input_tokens_seen
     if tokens:
@@ -161,8 +194,9 @@ def finish_training(trainer, tokenizer, training_args, evaluate: bool = False) -
     if evaluate:
         metrics.update(trainer.evaluate())
     trainer.log_metrics("train", metrics)
-    trainer.save_metrics("all", metrics)
-    save_model_and_tokenizer(trainer, tokenizer, training_args.output_dir)
+    with disk_full_in(training_args.output_dir):
+        trainer.save_metrics("all", metrics)
+        save_model_and_tokenizer(trainer, tokenizer, training_args.output_dir)
     if trainer.is_world_process_zero():
         logger.info("outputs in %s (TensorBoard logs under %s)", os.path.abspath(training_args.output_dir),
                     os.path.join(training_args.output_dir, "runs"))
