@@ -112,9 +112,11 @@ def load_data(args: EvaluationArguments):
 
 
 def check_output_dir(args: EvaluationArguments) -> list[str]:
-    from medgpt.outputs import check_output_dir as check_folder
+    from medgpt.outputs import check_apart_from_inputs, check_output_dir as check_folder
 
     check_folder(args.output_dir)
+    check_apart_from_inputs(args.output_dir, [(f"--{name}", getattr(args, name)) for name in (
+        "mc_file", "open_file", "ppl_text_file", "ppl_conversation_file", "preference_file")])
     paths = [os.path.join(args.output_dir, name) for name in ("results.json", "results.md", "comparison.png")]
     existing = [path for path in paths if os.path.exists(path)]
     if existing and not args.overwrite_output_dir:

@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import random
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -34,6 +35,15 @@ from medgpt.errors import InputError
 logger = logging.getLogger(__name__)
 
 DATA_SUFFIXES = (".jsonl", ".json", ".txt")
+SKIPPED_SHOWN = 5  # names of skipped files listed in the log line, before the count alone
+
+# Deepest nesting of lists and objects a record may have. Real records use a handful of levels (messages >
+# message > tool_calls > call > function > arguments > ...); Python's JSON reader recurses and fails near
+# 1,000 levels with a RecursionError, and conversion, Arrow and templates walk records recursively too.
+MAX_JSON_DEPTH = 100
+# A \uD800-\uDFFF escape: JSON text can hold half a UTF-16 surrogate pair, which is no character and cannot
+# be written as UTF-8 or tokenized. (Decoded UTF-8 never holds one: only escapes can make one.)
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 # ShareGPT speaker names (and OpenAI roles) -> the roles templates know.
 ROLE_ALIASES = {
@@ -90,17 +100,35 @@ class DataReport:
         logger.info(self.summary())
 
 
+def has_suffix(path: str, suffixes) -> bool:
+    """Whether a file name ends with one of `suffixes`, in any case (TRAIN.JSONL is JSON lines too)."""
+    return path.lower().endswith(tuple(suffixes) if not isinstance(suffixes, str) else suffixes)
+
+
+def _unreadable_folder(error: OSError):
+    raise InputError(f"cannot read this folder: {error.strerror}", error.filename)
+
+
 def find_data_files(path: str, suffixes: tuple[str, ...] = DATA_SUFFIXES) -> list[str]:
-    """A file, or every .jsonl/.json/.txt file (or one of `suffixes`) below a folder, sorted so that runs
-    are repeatable."""
-    if not os.path.exists(path):
-        raise InputError("no such file or folder", path)
-    if os.path.isfile(path):
+    """A file, or every .jsonl/.json/.txt file (or one of `suffixes`, in any case) below a folder, sorted so
+    that runs are repeatable. Other files there are logged as skipped; an unreadable folder is an error."""
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        raise InputError("no such file or folder", path) from None
+    except OSError as error:
+        raise InputError(f"cannot reach: {error.strerror}", path) from None
+    if not os.path.isdir(path):
         return [path]
-    files = []
-    for root, dirs, names in os.walk(path):
+    files, skipped = [], []
+    for root, dirs, names in os.walk(path, onerror=_unreadable_folder):
         dirs.sort()
-        files += [os.path.join(root, name) for name in sorted(names) if name.endswith(suffixes)]
+        for name in sorted(names):
+            (files if has_suffix(name, suffixes) else skipped).append(os.path.join(root, name))
+    if skipped:
+        shown = ", ".join(os.path.relpath(name, path) for name in skipped[:SKIPPED_SHOWN])
+        more = f" and {len(skipped) - SKIPPED_SHOWN} more" if len(skipped) > SKIPPED_SHOWN else ""
+        logger.info("%s: skipped %d file(s) that are not %s: %s%s", path, len(skipped), "/".join(suffixes), shown, more)
     if not files:
         raise InputError(f"no {'/'.join(suffixes)} files in this folder", path)
     return files
@@ -109,8 +137,11 @@ def find_data_files(path: str, suffixes: tuple[str, ...] = DATA_SUFFIXES) -> lis
 def decode_lines(path: str) -> tuple[list[str], set[int]]:
     """The file's lines as text, and the numbers of the lines that are not valid UTF-8 (decoded with
     replacement characters so the rest of the file can still be read). A leading byte-order mark is dropped."""
-    with open(path, "rb") as handle:
-        raw = handle.read()
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read()
+    except OSError as error:
+        raise InputError(f"cannot read this file: {error.strerror}", path) from None
     raw = raw.removeprefix(codecs.BOM_UTF8)
     lines, bad = [], set()
     for number, line in enumerate(raw.split(b"\n"), start=1):
@@ -124,6 +155,90 @@ def decode_lines(path: str) -> tuple[list[str], set[int]]:
 
 def invalid_utf8_error() -> RecordError:
     return RecordError("invalid UTF-8", "not valid UTF-8 text (save the file as UTF-8)")
+
+
+def nesting_error() -> RecordError:
+    return RecordError("too deeply nested", f"lists and objects nested more than {MAX_JSON_DEPTH} levels deep")
+
+
+def surrogate_error() -> RecordError:
+    return RecordError("lone surrogate", "text holds a lone surrogate (a \\ud800-\\udfff escape without its "
+                       "other half), which is no character")
+
+
+def _is_text(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def check_json_value(value, text: str) -> RecordError | None:
+    """What makes a value parsed from JSON `text` unusable although it parsed: lone surrogates in its
+    strings (keys too), or nesting deeper than MAX_JSON_DEPTH. Walked without recursion, and only where the
+    text could hold either."""
+    surrogates = SURROGATE_ESCAPE.search(text) is not None
+    if not surrogates and text.count("[") + text.count("{") <= MAX_JSON_DEPTH:
+        return None
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            if surrogates and not _is_text(item):
+                return surrogate_error()
+        elif isinstance(item, (list, dict)):
+            if depth > MAX_JSON_DEPTH:
+                return nesting_error()
+            if isinstance(item, dict):
+                if surrogates and not all(_is_text(key) for key in item):
+                    return surrogate_error()
+                item = item.values()
+            stack.extend((child, depth + 1) for child in item)
+    return None
+
+
+def parse_json(text: str):
+    """json.loads for record text: the value, or the RecordError that makes it unusable (check_json_value,
+    or nesting deep enough to exhaust the parser). JSONDecodeError is left to the caller, who knows where
+    the text stands."""
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        return nesting_error()
+    return check_json_value(value, text) or value
+
+
+def parsed_json(text: str):
+    """parse_json for JSON text inside a record (tool definitions, call arguments): a RecordError is raised."""
+    value = parse_json(text)
+    if isinstance(value, RecordError):
+        raise value
+    return value
+
+
+def _end_of_value(text: str, index: int) -> int:
+    """Where the JSON value starting at `index` ends, found by counting brackets outside strings (without
+    recursion, for values too deep to parse); len(text) if it never closes."""
+    depth, in_string, escaped = 0, False, False
+    for position in range(index, len(text)):
+        char = text[position]
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+        elif char in "]}":
+            depth -= 1
+            if depth == 0:
+                return position + 1
+    return len(text)
 
 
 def _skip_space(text: str, index: int) -> int:
@@ -143,8 +258,11 @@ def read_json_array(path: str, content: str, bad_lines: set[int]):
     while True:
         try:
             item, end = decoder.raw_decode(content, index)
+            item = check_json_value(item, content[index:end]) or item
         except json.JSONDecodeError as error:
             raise InputError(f"malformed JSON: {error.msg} at column {error.colno}", path, error.lineno) from None
+        except RecursionError:
+            item, end = nesting_error(), _end_of_value(content, index)
         line += content.count("\n", counted, index)
         counted = index
         last_line = line + content.count("\n", index, end)
@@ -172,6 +290,8 @@ def starts_json_lines(lines: list[str]) -> bool:
         json.loads(first)
     except json.JSONDecodeError:
         return False
+    except RecursionError:
+        return True  # a whole document, too deep to read: its line says so
     return True
 
 
@@ -180,20 +300,21 @@ def read_raw_records(path: str):
     .json: a JSON array of records, one object, or JSON lines under a .json name. A record that cannot be
     read comes as a RecordError at its line."""
     lines, bad_lines = decode_lines(path)
-    if path.endswith(".txt"):
+    if has_suffix(path, ".txt"):
         for number, line in enumerate(lines, start=1):
             if number in bad_lines:
                 yield number, invalid_utf8_error()
             elif line.strip():
                 yield number, {"text": line.rstrip("\r")}
         return
-    if path.endswith(".json"):
+    if has_suffix(path, ".json"):
         content = "\n".join(lines)
         if content.lstrip().startswith("["):
             yield from read_json_array(path, content, bad_lines)
             return
+        start = content.count("\n", 0, _skip_space(content, 0)) + 1
         try:
-            whole = json.loads(content)
+            whole = parse_json(content)
         except json.JSONDecodeError as error:
             if not starts_json_lines(lines):
                 # One document spread over several lines (not JSON lines): its own error, at its line.
@@ -202,8 +323,9 @@ def read_raw_records(path: str):
                     raise InputError("not valid UTF-8 text (save the file as UTF-8)", path, first_bad) from None
                 raise InputError(f"malformed JSON: {error.msg} at column {error.colno}", path, error.lineno) from None
             whole = None  # JSON lines under a .json name: read line by line below
+        if isinstance(whole, RecordError) and whole.kind == "too deeply nested" and starts_json_lines(lines):
+            whole = None  # JSON lines whose first record is too deep: that line says so below
         if whole is not None:
-            start = content.count("\n", 0, _skip_space(content, 0)) + 1
             yield (min(bad_lines), invalid_utf8_error()) if bad_lines else (start, whole)
             return
     for number, line in enumerate(lines, start=1):
@@ -213,7 +335,7 @@ def read_raw_records(path: str):
             yield number, invalid_utf8_error()
             continue
         try:
-            record = json.loads(line)
+            record = parse_json(line)
         except json.JSONDecodeError as error:
             yield number, RecordError("malformed JSON", f"malformed JSON: {error.msg} at column {error.colno}")
             continue
@@ -245,7 +367,7 @@ def parse_tools(value) -> list[dict] | None:
         return None
     if isinstance(value, str):
         try:
-            value = json.loads(value)
+            value = parsed_json(value)
         except json.JSONDecodeError as error:
             raise RecordError("malformed tools", f"tools is not valid JSON: {_json_error(error)}") from None
     if not isinstance(value, list):
@@ -277,7 +399,7 @@ def _tool_call(call, where: str) -> dict:
         arguments = {}  # a call without arguments
     elif isinstance(arguments, str):
         try:
-            arguments = json.loads(arguments)
+            arguments = parsed_json(arguments)
         except json.JSONDecodeError as error:
             raise RecordError(
                 "malformed tool call", f"{where_function}.arguments is not a JSON object ({_json_error(error)})"
@@ -303,7 +425,7 @@ def _function_call_turn(value, where: str) -> list[dict]:
     """A ShareGPT `function_call` turn's calls: JSON text of one call, or of a list of calls."""
     if isinstance(value, str):
         try:
-            value = json.loads(value)
+            value = parsed_json(value)
         except json.JSONDecodeError as error:
             raise RecordError("malformed tool call", f"{where} is not a JSON tool call ({_json_error(error)})") from None
     if isinstance(value, list):

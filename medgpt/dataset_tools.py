@@ -17,12 +17,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from medgpt.data import (
-    RecordError, file_records, find_data_files, parse_tools, question_record, record_to_conversation,
+    RecordError, file_records, find_data_files, has_suffix, parse_tools, question_record, record_to_conversation,
     record_to_preference, record_to_text,
 )
 from medgpt.errors import InputError
 from medgpt.metrics import language_of
-from medgpt.outputs import check_new_output_file
+from medgpt.outputs import check_apart_from_inputs, check_new_output_file
 
 logger = logging.getLogger(__name__)
 
@@ -156,23 +156,28 @@ def require_records(records: list, tally: Tally | None, where: str) -> None:
         raise InputError("no records left to write: every one was dropped (see the report above)", where)
 
 
-def check_jsonl_output(path: str | None, overwrite: bool, files: list[str], flag: str = "--output_file") -> None:
-    """Before any work: a new (or --overwrite) JSON lines file that is none of the input files."""
+def check_jsonl_output(path: str | None, overwrite: bool, files: list[str], flag: str = "--output_file",
+                       inputs: list[str] = (), input_flag: str = "--input") -> None:
+    """Before any work: a new (or --overwrite) JSON lines file that is none of the input files and lies in
+    none of the input folders (`inputs`, as given)."""
     check_new_output_file(path, overwrite, flag)
-    check_jsonl_path(path, files, flag)
+    check_jsonl_path(path, files, flag, inputs, input_flag)
 
 
-def check_jsonl_path(path: str, files: list[str], flag: str = "--output_file") -> None:
-    """A .jsonl name that is none of the input files. A .txt or .json name is refused: training would read
-    JSON lines under a .txt name as plain text."""
-    if not path.endswith(".jsonl"):
+def check_jsonl_path(path: str, files: list[str], flag: str = "--output_file", inputs: list[str] = (),
+                     input_flag: str = "--input") -> None:
+    """A .jsonl name that is none of the input files, in none of the input folders. A .txt or .json name is
+    refused: training would read JSON lines under a .txt name as plain text."""
+    if not has_suffix(path, ".jsonl"):
         raise InputError(f"{flag} must be a .jsonl file (one JSON record a line)", path)
-    check_not_an_input(path, files, flag)
+    check_not_an_input(path, files, flag, inputs, input_flag)
 
 
-def check_not_an_input(path: str, files: list[str], flag: str = "--output_file") -> None:
+def check_not_an_input(path: str, files: list[str], flag: str = "--output_file", inputs: list[str] = (),
+                       input_flag: str = "--input") -> None:
     if os.path.exists(path) and any(os.path.exists(name) and os.path.samefile(path, name) for name in files):
         raise InputError(f"{flag} is one of the input files, which it would replace: write elsewhere", path)
+    check_apart_from_inputs(path, [(input_flag, folder) for folder in inputs], flag)
 
 
 # ---- kinds and formats ----
@@ -436,6 +441,8 @@ def first_kind(files: list[str]) -> str:
                 if isinstance(value, dict):
                     return guess_kind(value)
         except InputError:
+            if not os.access(path, os.R_OK):
+                raise  # not a record's fault: --kind would not help
             continue
     raise InputError("no readable record to guess the kind of data from: pass --kind", files[0] if files else None)
 

@@ -14,7 +14,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from medgpt.data import RecordError, decode_lines, find_data_files, read_raw_records
+from medgpt.data import RecordError, decode_lines, find_data_files, has_suffix, read_raw_records
 from medgpt.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ def _bad(message: str) -> RecordError:
 
 def find_question_files(path: str, suffixes: tuple[str, ...]) -> list[str]:
     """A file, or every file with one of `suffixes` below a folder, sorted so that runs are repeatable."""
-    if os.path.isfile(path) and not path.endswith(suffixes):
+    if os.path.isfile(path) and not has_suffix(path, suffixes):
         raise InputError(f"questions must be in a {', '.join(suffixes)} file", path)
     return find_data_files(path, suffixes)
 
@@ -110,7 +110,7 @@ def _csv_records(path: str) -> list[tuple[int, dict]]:
 
 def _read_records(path: str) -> list[tuple[int, dict]]:
     """The file's records as (line, dict); an empty file is an error, since it would score as 0 of 0."""
-    records = [] if _is_blank(path) else _csv_records(path) if path.endswith(".csv") else _json_records(path)
+    records = [] if _is_blank(path) else _csv_records(path) if has_suffix(path, ".csv") else _json_records(path)
     if not records:
         raise InputError("no questions in this file", path)
     return records

@@ -43,7 +43,7 @@ def main(argv=None):
     (args,) = parse_args((ConvertArguments,), argv)
     setup_logging()
     files = input_files(args.input)
-    check_jsonl_output(args.output_file, args.overwrite, files)
+    check_jsonl_output(args.output_file, args.overwrite, files, inputs=args.input)
 
     tally = Tally(f"convert to {args.to}")
     records = read_records(files, tally, args.skip_invalid)

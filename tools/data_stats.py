@@ -41,7 +41,7 @@ def main(argv=None) -> dict:
     files = input_files(args.input)
     if args.output_file:
         check_new_output_file(args.output_file, args.overwrite)
-        check_not_an_input(args.output_file, files)
+        check_not_an_input(args.output_file, files, inputs=args.input)
     tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
 
     tally = Tally("stats")

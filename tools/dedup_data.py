@@ -43,11 +43,11 @@ def main(argv=None):
     args, similarity = parse_args((DedupArguments, SimilarityArguments), argv)
     setup_logging()
     files = input_files(args.input)
-    check_jsonl_output(args.output_file, args.overwrite, files)
+    check_jsonl_output(args.output_file, args.overwrite, files, inputs=args.input)
     if args.removed_file:
         if os.path.realpath(args.removed_file) == os.path.realpath(args.output_file):
             raise InputError("--removed_file and --output_file are the same file", args.removed_file)
-        check_jsonl_output(args.removed_file, args.overwrite, files, "--removed_file")
+        check_jsonl_output(args.removed_file, args.overwrite, files, "--removed_file", inputs=args.input)
 
     tally = Tally("dedup")
     records, views = viewed_records(read_records(files, tally, args.skip_invalid), tally, args.skip_invalid)

@@ -61,7 +61,7 @@ def main(argv=None):
     if not model_args.configured:
         raise InputError("no model to write the pairs: give --model_name_or_path (a local model folder) or "
                          "--api_base and --model (an OpenAI-compatible endpoint)")
-    check_jsonl_path(args.output_file, input_files(args.input))
+    check_jsonl_path(args.output_file, input_files(args.input), inputs=args.input)
     report = Tally("sources", unit="sources")
     sources = read_sources(args.input, args.min_source_words, report)
     report.kept = len(sources)

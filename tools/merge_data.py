@@ -60,7 +60,8 @@ def main(argv=None):
     (args,) = parse_args((MergeArguments,), argv)
     setup_logging()
     sources = [find_data_files(path) for path in args.input]
-    check_jsonl_output(args.output_file, args.overwrite, [name for files in sources for name in files])
+    check_jsonl_output(args.output_file, args.overwrite, [name for files in sources for name in files],
+                       inputs=args.input)
 
     rng = random.Random(args.seed)
     merged, tallies = [], []

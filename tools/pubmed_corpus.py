@@ -84,12 +84,14 @@ def main(argv=None):
     from medgpt.dataset_tools import Tally, check_jsonl_output
     from medgpt.literature import (LICENCE_NOTE, FetchRequest, articles_from_files, build_corpus,
                                    fetch_pubmed, pubmed_files)
-    from medgpt.outputs import check_output_dir, write_jsonl
+    from medgpt.outputs import check_apart_from_inputs, check_output_dir, write_jsonl
 
     files = pubmed_files(args.input)
-    check_jsonl_output(args.output_file, args.overwrite, files)
+    check_jsonl_output(args.output_file, args.overwrite, files, inputs=args.input)
     if args.query:
         check_output_dir(args.download_dir, "--download_dir")
+        # The batches fetched there would be read again as files of the --input folder.
+        check_apart_from_inputs(args.download_dir, [("--input", path) for path in args.input], "--download_dir")
     logger.info(LICENCE_NOTE)
 
     if args.query:

@@ -51,8 +51,8 @@ def main(argv=None):
     files = input_files(args.input)
     if args.train_file and args.validation_file and os.path.realpath(args.train_file) == os.path.realpath(args.validation_file):
         raise InputError("--train_file and --validation_file are the same file", args.train_file)
-    check_jsonl_output(args.train_file, args.overwrite, files, "--train_file")
-    check_jsonl_output(args.validation_file, args.overwrite, files, "--validation_file")
+    check_jsonl_output(args.train_file, args.overwrite, files, "--train_file", inputs=args.input)
+    check_jsonl_output(args.validation_file, args.overwrite, files, "--validation_file", inputs=args.input)
 
     tally = Tally("split")
     records, views = viewed_records(read_records(files, tally, args.skip_invalid), tally, args.skip_invalid)
