@@ -497,7 +497,7 @@ def setup_logging(training_args=None) -> None:
         level=logging.INFO if main_process else logging.WARNING,
         force=True,
     )
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # (bitsandbytes' logger is quieted in medgpt/__init__.py: it logs while being imported, before this runs.)
     import transformers
 
     transformers.utils.logging.set_verbosity_warning()

@@ -187,7 +187,7 @@ def prepare_model(model_args, lora_args, training_args, model_class=AutoModelFor
     model = load_causal_lm(model_args, model_class, **extra)
     model.config.use_cache = False  # training: and packed rows need it off to stay isolated
     if training_args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         if lora_args.use_peft:
             model.enable_input_require_grads()
     if lora_args.use_peft:
