@@ -8,7 +8,14 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Small files in MedicalGPT's formats written for this project (tool calls, preference pairs), beside the
+# samples in data/: every clone has them.
+TEST_DATA = os.path.join(REPO, "tests", "data")
+# MedicalGPT's own sample files, unchanged, where a machine keeps them beside the repository (they are not
+# ours to ship): the tests that read them show the toolkit takes real files as they are, and skip elsewhere.
 FIXTURES = os.path.join(os.path.dirname(REPO), "shared", "fixtures", "medicalgpt")
+needs_medicalgpt_files = pytest.mark.skipif(
+    not os.path.isdir(FIXTURES), reason=f"MedicalGPT sample files not present: {os.path.relpath(FIXTURES, REPO)}")
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # Parallel workers share the cores: one thread each for the models run inside the test process.

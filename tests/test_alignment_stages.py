@@ -1,5 +1,5 @@
-"""The alignment stage scripts end to end: each runs with LoRA and with full weights on the real MedicalGPT
-files and on the project's data; each moves its objective on a tiny model; bad input; torchrun."""
+"""The alignment stage scripts end to end: each runs with LoRA and with full weights on the project's data
+and on MedicalGPT-format tool-call pairs (tests/data); each moves its objective on a tiny model; bad input; torchrun."""
 
 import json
 import os
@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import FIXTURES, REPO, TORCHRUN, TOY_REWARD, ppo_log, run_main, run_script, tiny_training_flags
+from conftest import REPO, TEST_DATA, TORCHRUN, TOY_REWARD, ppo_log, run_main, run_script, tiny_training_flags
 from medgpt.chat import ChatFormat
 from medgpt.data import DataReport, load_records
 from medgpt.encoding import encode_preferences
@@ -51,10 +51,11 @@ def reward_model_dir(tiny_model_dir, tmp_path_factory):
     return str(out)
 
 
-# ---- every stage runs, LoRA and full, on MedicalGPT's files and on ours ----
+# ---- every stage runs, LoRA and full ----
 
-PREFERENCE_DATA = {True: os.path.join(FIXTURES, "reward"), False: os.path.join(REPO, "data", "reward")}
-QUESTION_DATA = {True: os.path.join(FIXTURES, "grpo"), False: os.path.join(REPO, "data", "grpo")}
+# Preference pairs: the LoRA runs take MedicalGPT's tool-call format (tools, calls and results in the prompt).
+PREFERENCE_DATA = {True: os.path.join(TEST_DATA, "reward"), False: os.path.join(REPO, "data", "reward")}
+QUESTIONS = os.path.join(REPO, "data", "grpo")
 
 
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
@@ -106,7 +107,7 @@ def test_dpo_with_precomputed_reference_starts_from_zero_rewards(tiny_model_dir,
 def test_grpo_runs_with_built_in_rewards_and_the_reward_model(tiny_model_dir, reward_model_dir, tmp_path, lora):
     result = run_script(
         "grpo_training.py", "--model_name_or_path", tiny_model_dir, "--template_name", "chatml",
-        "--train_file_dir", QUESTION_DATA[lora], "--reward_funcs", "accuracy,format,length,model",
+        "--train_file_dir", QUESTIONS, "--reward_funcs", "accuracy,format,length,model",
         "--reward_weights", "1.0", "0.5", "0.1", "0.2", "--reward_model_path", reward_model_dir,
         "--num_generations", "2", "--max_completion_length", "8", *mode_flags(lora), *tiny_training_flags(tmp_path),
     )
@@ -121,7 +122,7 @@ def test_grpo_runs_with_built_in_rewards_and_the_reward_model(tiny_model_dir, re
 def test_ppo_runs_against_the_reward_model_and_logs_its_diagnostics(tiny_model_dir, reward_model_dir, tmp_path, lora):
     result = run_script(
         "ppo_training.py", "--model_name_or_path", tiny_model_dir, "--template_name", "chatml",
-        "--train_file_dir", QUESTION_DATA[lora], "--reward_funcs", "model", "--reward_model_path", reward_model_dir,
+        "--train_file_dir", QUESTIONS, "--reward_funcs", "model", "--reward_model_path", reward_model_dir,
         "--output_dir", tmp_path, "--max_steps", "2", "--rollout_batch_size", "4", "--per_device_train_batch_size", "2",
         "--ppo_epochs", "2", "--max_new_tokens", "8", "--learning_rate", "1e-3", "--report_to", "none",
         *mode_flags(lora),
@@ -139,7 +140,7 @@ def test_ppo_runs_against_the_reward_model_and_logs_its_diagnostics(tiny_model_d
 def test_ppo_with_a_4bit_base_qlora(tiny_model_dir, tmp_path):
     result = run_script(
         "ppo_training.py", "--model_name_or_path", tiny_model_dir, "--template_name", "chatml",
-        "--train_file_dir", QUESTION_DATA[False], "--reward_funcs", TOY_REWARD, "--use_peft", "True", "--qlora", "True",
+        "--train_file_dir", QUESTIONS, "--reward_funcs", TOY_REWARD, "--use_peft", "True", "--qlora", "True",
         "--output_dir", tmp_path, "--max_steps", "3", "--rollout_batch_size", "4", "--per_device_train_batch_size", "2",
         "--ppo_epochs", "1", "--max_new_tokens", "8", "--learning_rate", "1e-2", "--report_to", "none",
     )
@@ -158,7 +159,7 @@ def test_ppo_continuing_an_adapter_keeps_that_adapter_as_its_reference(tiny_mode
     sft.save_pretrained(tmp_path / "sft")
     result = run_script(
         "ppo_training.py", "--model_name_or_path", tiny_model_dir, "--peft_path", tmp_path / "sft", "--use_peft", "True",
-        "--template_name", "chatml", "--train_file_dir", QUESTION_DATA[False], "--reward_funcs", TOY_REWARD,
+        "--template_name", "chatml", "--train_file_dir", QUESTIONS, "--reward_funcs", TOY_REWARD,
         "--output_dir", tmp_path / "ppo", "--max_steps", "2", "--rollout_batch_size", "4", "--per_device_train_batch_size", "2",
         "--ppo_epochs", "1", "--max_new_tokens", "8", "--report_to", "none",
     )

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from conftest import FIXTURES, REPO
+from conftest import FIXTURES, REPO, TEST_DATA, needs_medicalgpt_files
 from medgpt.chat import ChatFormat
 from medgpt.data import DataReport, RecordError, load_records, question_record, record_to_preference
 from medgpt.encoding import encode_preference, encode_preferences
@@ -62,6 +62,21 @@ def test_bad_preference_records(record, message):
         record_to_preference(record)
 
 
+def test_preference_pairs_with_tool_calls_load():
+    """MedicalGPT's tool-call pairs: tools as a JSON string, calls and results as function_call/observation turns."""
+    report = DataReport("train")
+    pairs = load_records(os.path.join(TEST_DATA, "reward"), "preference", report, skip_invalid=False)
+    assert report.read == len(pairs) == 8
+    after_results = [pair for pair in pairs if pair["prompt"][-1]["role"] == "tool"]
+    assert len(after_results) == 3 and after_results[0]["tools"][0]["function"]["name"] == "calculate_bmi"
+    assert after_results[0]["prompt"][-2]["tool_calls"][0]["function"] == {
+        "name": "calculate_bmi", "arguments": {"weight_kg": 50, "height_m": 1.6}}
+    assert pairs[0]["chosen"].startswith("Action: calculate_bmi\n")  # a call written as text stays the text
+    assert pairs[6]["prompt"][0] == {"role": "system", "content": "你是一名谨慎的医疗助手。"}
+    assert [message["role"] for message in pairs[7]["prompt"]] == ["user", "assistant", "user"]
+
+
+@needs_medicalgpt_files
 def test_the_real_medicalgpt_preference_and_grpo_files_load_unchanged():
     report = DataReport("train")
     pairs = load_records(os.path.join(FIXTURES, "reward"), "preference", report, skip_invalid=False)

@@ -1,11 +1,11 @@
-"""Record formats, the real MedicalGPT files, bad input and how it is reported."""
+"""Record formats (in files written in MedicalGPT's formats and in its real files), bad input and how it is reported."""
 
 import json
 import os
 
 import pytest
 
-from conftest import FIXTURES, run_script, tiny_training_flags
+from conftest import FIXTURES, TEST_DATA, needs_medicalgpt_files, run_script, tiny_training_flags
 from medgpt.data import CONVERTERS, DataReport, RecordError, load_records, query_to_messages, record_to_messages
 from medgpt.errors import InputError
 
@@ -95,6 +95,32 @@ def test_openai_tool_calls_with_string_arguments_are_parsed():
     assert CONVERTERS["conversation"]({"messages": record["messages"][:1] + [{"role": "assistant", "content": "A"}]})["tools"] is None
 
 
+def test_sharegpt_tool_call_file_gives_calls_and_tools():
+    """The glaive tool-call format MedicalGPT uses: function_call turns (one call, a list of calls, or several
+    turns in a row) become one assistant message with its calls, observation turns tool messages, and the
+    tools JSON string the definitions."""
+    path = os.path.join(TEST_DATA, "sft", "toolcall_zh.jsonl")
+    records = load_records(path, "conversation", DataReport("train"), skip_invalid=False)
+    assert len(records) == 12
+    assistant_calls = [m for r in records for m in r["messages"] if m.get("tool_calls")]
+    assert sum(1 for r in records if any(m.get("tool_calls") for m in r["messages"])) == 9
+    assert len(assistant_calls) == 11 and sum(len(m["tool_calls"]) for m in assistant_calls) == 13
+    assert all(m["content"] == "" and isinstance(c["function"]["arguments"], dict) for m in assistant_calls for c in m["tool_calls"])
+    first = records[0]["messages"]
+    assert [m["role"] for m in first] == ["user", "assistant", "tool", "assistant"]
+    assert first[1]["tool_calls"][0]["function"] == {"name": "calculate_bmi", "arguments": {"weight_kg": 70, "height_m": 1.75}}
+    assert [t["function"]["name"] for t in records[0]["tools"]] == ["calculate_bmi", "book_appointment"]
+    assert set(records[0]["tools"][0]) == {"type", "function"} and set(records[0]["tools"][0]["function"]) == {"name", "description", "parameters"}
+    # Two calls as a list in one turn, and two function_call turns in a row: each one message with both calls,
+    # answered by one tool message per call.
+    for record in (records[5], records[6]):
+        assert [m["role"] for m in record["messages"]] == ["user", "assistant", "tool", "tool", "assistant"]
+        assert len(record["messages"][1]["tool_calls"]) == 2
+    # A call written into an answer's text, then its result: kept as ShareGPT data has it.
+    assert [m["role"] for m in records[4]["messages"]][:4] == ["user", "assistant", "tool", "assistant"]
+
+
+@needs_medicalgpt_files
 def test_glaive_tool_call_file_gives_calls_and_tools():
     records = load_records(os.path.join(FIXTURES, "sft", "glaive_toolcall_zh_demo.jsonl"), "conversation", DataReport("train"), skip_invalid=False)
     assert len(records) == 300
@@ -219,6 +245,7 @@ def test_text_formats_txt_jsonl_and_json_array(tmp_path):
         ("pretrain/en_article_tail500.txt", "text", None),
     ],
 )
+@needs_medicalgpt_files
 def test_real_medicalgpt_files_load_unchanged(relative, kind, count):
     path = os.path.join(FIXTURES, relative)
     report = DataReport("train")

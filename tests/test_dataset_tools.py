@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import FIXTURES, REPO
+from conftest import FIXTURES, REPO, TEST_DATA, needs_medicalgpt_files
 
 from medgpt.data import DataReport, load_records, load_question_splits, record_to_conversation
 from medgpt.metrics import language_of
@@ -169,32 +169,51 @@ def test_strict_and_invalid_records_stop_with_path_and_line(tmp_path, capsys):
     assert not empty.exists()
 
 
-@pytest.mark.skipif(not os.path.isdir(os.path.join(FIXTURES, "sft")), reason="MedicalGPT sample files not present")
-def test_real_medicalgpt_files_round_trip_exactly(tmp_path):
-    medical = os.path.join(FIXTURES, "sft", "medical_sft_1K_format.jsonl")
-    glaive = os.path.join(FIXTURES, "sft", "glaive_toolcall_zh_demo.jsonl")
+def assert_round_trips_exactly(tmp_path, medical: str, glaive: str, text_then_result: tuple[int, ...]):
+    """`medical` (ShareGPT conversations) comes back unchanged from OpenAI messages and from Alpaca; `glaive`
+    (ShareGPT with tool calls and a tools string) from OpenAI messages byte for byte, but for the records at
+    the lines `text_then_result`, which answer in text, then a tool result follows: ShareGPT data allows it,
+    OpenAI messages (a tool message answers a call) cannot hold it."""
     originals = {path: read_jsonl(path) for path in (medical, glaive)}
 
     for target in ("openai", "alpaca"):
         _, tally = convert(tmp_path, medical, target, f"medical_{target}")
         back, _ = convert(tmp_path, str(tmp_path / f"medical_{target}.jsonl"), "sharegpt", f"medical_{target}_back")
-        assert tally.kept == 1000 and back == originals[medical]
+        assert tally.kept == len(originals[medical]) and back == originals[medical]
 
-    # Lines 198 and 294 answer in text, then a tool result follows: ShareGPT data allows it, OpenAI
-    # messages (a tool message answers a call) cannot hold it.
     _, tally = convert(tmp_path, glaive, "openai", "glaive_openai")
-    assert sum(tally.dropped.values()) == 2
-    assert sorted(where for where in tally.examples.values()) == [f"{glaive}:198"]
+    assert sum(tally.dropped.values()) == len(text_then_result)
+    assert sorted(where for where in tally.examples.values()) == [f"{glaive}:{text_then_result[0]}"]
     back, _ = convert(tmp_path, str(tmp_path / "glaive_openai.jsonl"), "sharegpt", "glaive_back")
-    assert back == [record for line, record in enumerate(originals[glaive], start=1) if line not in (198, 294)]
+    assert back == [record for line, record in enumerate(originals[glaive], start=1) if line not in text_then_result]
     with open(tmp_path / "glaive_back.jsonl", encoding="utf-8") as converted, open(glaive, encoding="utf-8") as original:
-        kept_lines = [line for number, line in enumerate(original, start=1) if number not in (198, 294)]
+        kept_lines = [line for number, line in enumerate(original, start=1) if number not in text_then_result]
         assert converted.read().splitlines() == [line.rstrip("\n") for line in kept_lines]  # byte for byte
 
     _, tally = convert(tmp_path, glaive, "alpaca", "glaive_alpaca")
     with_tool_turns = sum(any(turn["from"] in ("function_call", "observation") for turn in record["conversations"])
                           for record in originals[glaive])
-    assert tally.kept == 300 - with_tool_turns and sum(tally.dropped.values()) == with_tool_turns
+    assert tally.kept == len(originals[glaive]) - with_tool_turns and sum(tally.dropped.values()) == with_tool_turns
+
+
+def test_sharegpt_files_round_trip_exactly(tmp_path):
+    # The sample SFT records as MedicalGPT's medical_sft file has them: a top-level system_prompt comes back as
+    # a system turn, which is not the same record.
+    samples = read_jsonl(os.path.join(REPO, "data", "finetune", "medical_sft_zh.jsonl"))
+    medical = write_jsonl(tmp_path / "medical_sft.jsonl", [record for record in samples if "system_prompt" not in record])
+    # Likewise a list of calls in one function_call turn comes back as one turn per call (glaive's form).
+    calls = read_jsonl(os.path.join(TEST_DATA, "sft", "toolcall_zh.jsonl"))
+    glaive = write_jsonl(tmp_path / "toolcall.jsonl", [
+        record for record in calls
+        if not any(turn["from"] == "function_call" and turn["value"].startswith("[") for turn in record["conversations"])])
+    assert len(read_jsonl(glaive)) == len(calls) - 1
+    assert_round_trips_exactly(tmp_path, medical, glaive, text_then_result=(5,))
+
+
+@needs_medicalgpt_files
+def test_real_medicalgpt_files_round_trip_exactly(tmp_path):
+    assert_round_trips_exactly(tmp_path, os.path.join(FIXTURES, "sft", "medical_sft_1K_format.jsonl"),
+                               os.path.join(FIXTURES, "sft", "glaive_toolcall_zh_demo.jsonl"), text_then_result=(198, 294))
 
 
 # ---- validate ----

@@ -48,7 +48,7 @@ def serve_api(root: str, env: dict) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=60)
 
 
-@pytest.mark.skipif(not os.path.exists(VENV_PYTHON), reason="no .venv in the repository (scripts/setup_env.sh makes it)")
+@pytest.mark.skipif(not os.path.exists(VENV_PYTHON), reason="no .venv in the repository (setup_env.sh makes it)")
 def test_a_script_runs_from_a_new_shell_on_the_project_venv(tmp_path):
     result = subprocess.run(["bash", os.path.join(REPO, "scripts", "serve_api.sh"), "--help"], cwd=tmp_path,
                             env=new_shell(path_without_the_venv(), MODEL=str(tmp_path / "model")),
