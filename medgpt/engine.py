@@ -5,8 +5,13 @@ together step by step, each row with its own sampling settings (temperature, top
 length, stop strings). Only the worker thread touches the model, so concurrent callers never race on it.
 Text is streamed per request as it is decoded: a stop string is cut from the text, also when it arrives
 split over several tokens (text that could still become a stop string is held back until it cannot), and
-incomplete UTF-8 characters wait for their last byte. A request whose client went away is cancelled and
-stops using the batch; a full queue is refused at once (EngineBusy), never left to hang.
+incomplete UTF-8 characters wait for their last byte (and an answer cut inside one ends before it). A
+request whose client went away is cancelled and stops using the batch; a full queue is refused at once
+(EngineBusy), never left to hang.
+
+Requests are isolated: settings are checked before a request is queued, and a failure while serving one row
+(its sampling, its sink) ends that row alone with a Finished("error") while the others go on. A failure of
+the model's forward pass ends the rows that shared it; every request taken from the queue gets its Finished.
 """
 
 import atexit
@@ -29,6 +34,10 @@ class EngineBusy(RuntimeError):
     """The request queue is full."""
 
 
+# torch.Generator.manual_seed takes 64 bits: larger seeds (a client's seed plus a choice's index) are folded in.
+SEED_BITS = (1 << 64) - 1
+
+
 @dataclass
 class SamplingParams:
     max_new_tokens: int = 256
@@ -39,6 +48,28 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     repetition_penalty: float = 1.0  # above 1 discourages tokens already in the prompt or the answer
     keep_special_tokens: bool = False  # tool-call markers are special tokens the parser needs
+
+    def check(self) -> None:
+        """A ValueError naming the first setting the engine cannot use: raised before a request is queued,
+        so that one request's settings never fail the batch it would have joined."""
+        checks = (
+            ("max_new_tokens", isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1, "an integer >= 1"),
+            ("temperature", _number(self.temperature) and self.temperature >= 0, "a number >= 0"),
+            ("top_p", _number(self.top_p) and 0 < self.top_p <= 1, "a number in (0, 1]"),
+            ("top_k", isinstance(self.top_k, int) and self.top_k >= 0, "an integer >= 0"),
+            ("seed", self.seed is None or isinstance(self.seed, int), "an integer or None"),
+            ("repetition_penalty", _number(self.repetition_penalty) and self.repetition_penalty > 0, "a number > 0"),
+            ("stop", isinstance(self.stop, list) and all(isinstance(s, str) for s in self.stop), "a list of strings"),
+        )
+        for name, good, expected in checks:
+            if not good:
+                raise ValueError(f"sampling setting {name} must be {expected}, got {getattr(self, name)!r}")
+
+
+def _number(value) -> bool:
+    import math
+
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
@@ -61,6 +92,18 @@ class Request:
         self.adapter = adapter  # a LoRA adapter's name, or None for the model as loaded
         self.cancelled = threading.Event()
         self.created = time.monotonic()
+        self.finished = False  # its Finished event was sent
+
+    def emit(self, event) -> None:
+        """Hand an event to the caller. A sink that fails (its caller gone wrong) cancels this request only."""
+        if self.finished:
+            return
+        self.finished = isinstance(event, Finished)
+        try:
+            self.sink(event)
+        except Exception:
+            logger.exception("a request's sink failed: the request is cancelled")
+            self.cancel()
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -90,6 +133,8 @@ class GenerationEngine:
         self.max_queue = max_queue
         self.gather_seconds = gather_seconds
         self._pending: deque[Request] = deque()
+        self._taken: list[Request] = []
+        self.active_rows = 0  # rows being decoded now (for monitoring, and tests of cancellation)
         self._ready = threading.Condition()
         self._closed = False
         self._worker = threading.Thread(target=self._serve, name="generation-engine", daemon=True)
@@ -112,7 +157,11 @@ class GenerationEngine:
     # ----- callers --------------------------------------------------------------------------------------
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, sink, adapter: str | None = None) -> Request:
-        """Queue a request; its events go to `sink` (called from the worker thread). EngineBusy when full."""
+        """Queue a request; its events go to `sink` (called from the worker thread). EngineBusy when full,
+        ValueError for settings the engine cannot use (see SamplingParams.check)."""
+        params.check()
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
         request = Request(prompt_ids, params, sink, adapter)
         with self._ready:
             if len(self._pending) >= self.max_queue:
@@ -190,18 +239,25 @@ class GenerationEngine:
             batch = self._next_batch()
             if not batch:
                 continue
+            self._taken = list(batch)  # every request of this run, those that join it later included
             try:
                 with self._adapter(batch[0].adapter):
                     self._run(batch)
-            except Exception as error:  # never leave a caller waiting: report and finish every row
+            except Exception as error:  # never leave a caller waiting: every row still running ends
                 logger.exception("generation failed")
-                for request in batch:
-                    request.sink(Finished("error", 0, len(request.prompt_ids), f"{type(error).__name__}: {error}"))
+                for request in self._taken:
+                    _fail(request, error)
+            finally:
+                self.active_rows = 0
+                for request in self._taken:  # a safety net: no request taken from the queue waits forever
+                    if not request.finished:
+                        request.emit(Finished("cancelled", 0, len(request.prompt_ids)))
+                self._taken = []
 
     @staticmethod
     def _skip_cancelled(request: Request) -> bool:
         if request.cancelled.is_set():
-            request.sink(Finished("cancelled", 0, len(request.prompt_ids)))
+            request.emit(Finished("cancelled", 0, len(request.prompt_ids)))
             return True
         return False
 
@@ -210,12 +266,16 @@ class GenerationEngine:
         """Decode `batch` step by step. Finished rows leave the batch; requests for the same adapter that
         arrive meanwhile join it (continuous batching) when the model's cache allows it."""
         adapter = batch[0].adapter
-        rows, cache, attention, tokens = self._prefill(batch)
+        prefilled = self._prefill(batch)
+        if prefilled is None:
+            return
+        rows, cache, attention, tokens = prefilled
         while True:
             if self._closed:  # the process is ending: every row stops at its next token
                 for row in rows:
                     row.request.cancel()
             active = [index for index, row in enumerate(rows) if not row.done]
+            self.active_rows = len(active)
             if len(active) < len(rows):
                 if not active:
                     return
@@ -224,8 +284,12 @@ class GenerationEngine:
                 rows, attention, tokens = [rows[i] for i in active], attention[keep], tokens[keep]
             if len(rows) < self.max_batch_size and _joinable(cache):
                 newcomers = self._take_waiting(adapter, self.max_batch_size - len(rows))
-                if newcomers:
-                    new_rows, new_cache, new_attention, new_tokens = self._prefill(newcomers)
+                self._taken += newcomers
+                # The newcomers' prefill is their own forward pass: if it fails, they end and the rows
+                # already decoding go on with their cache untouched.
+                prefilled = self._prefill(newcomers) if newcomers else None
+                if prefilled is not None:
+                    new_rows, new_cache, new_attention, new_tokens = prefilled
                     attention = _merge(cache, new_cache, attention, new_attention)
                     rows, tokens = rows + new_rows, torch.cat([tokens, new_tokens])
                     continue  # newcomers may have finished at once (a stop token first)
@@ -237,28 +301,37 @@ class GenerationEngine:
 
     def _prefill(self, batch: list[Request]):
         """Run the prompts of `batch` (left-padded) and choose each row's first token:
-        (rows, cache, attention mask, tokens)."""
-        device = self.model.device
-        longest = max(len(request.prompt_ids) for request in batch)
-        input_ids = torch.full((len(batch), longest), self.pad_id, dtype=torch.long)
-        attention = torch.zeros((len(batch), longest), dtype=torch.long)
+        (rows, cache, attention mask, tokens), or None when no row could start (each has its Finished)."""
         rows = []
-        for index, request in enumerate(batch):
-            ids = request.prompt_ids
+        for request in batch:
+            try:
+                rows.append(_Row(request, [s for s in request.params.stop if s], _generator(request.params)))
+            except Exception as error:  # this request's settings: it alone ends
+                logger.exception("a request could not start")
+                _fail(request, error)
+        if not rows:
+            return None
+        device = self.model.device
+        longest = max(len(row.request.prompt_ids) for row in rows)
+        input_ids = torch.full((len(rows), longest), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((len(rows), longest), dtype=torch.long)
+        for index, row in enumerate(rows):
+            ids = row.request.prompt_ids
             input_ids[index, longest - len(ids):] = torch.tensor(ids, dtype=torch.long)
             attention[index, longest - len(ids):] = 1
-            generator = None
-            if request.params.temperature > 0:
-                generator = torch.Generator(device="cpu")
-                generator.manual_seed(request.params.seed if request.params.seed is not None
-                                      else int.from_bytes(uuid.uuid4().bytes[:6], "little"))
-            rows.append(_Row(request, [s for s in request.params.stop if s], generator))
         input_ids, attention = input_ids.to(device), attention.to(device)
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
-        # logits_to_keep=1: only the last position's logits are needed (the vocabulary projection of every
-        # prompt token would be a fifth of the prefill's work).
-        output = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
-                            past_key_values=DynamicCache(config=self.model.config), use_cache=True, logits_to_keep=1)
+        try:
+            # logits_to_keep=1: only the last position's logits are needed (the vocabulary projection of every
+            # prompt token would be a fifth of the prefill's work).
+            output = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
+                                past_key_values=DynamicCache(config=self.model.config), use_cache=True,
+                                logits_to_keep=1)
+        except Exception as error:  # e.g. out of memory on these prompts: the rows of this prefill end
+            logger.exception("the prefill of %d request(s) failed", len(rows))
+            for row in rows:
+                _fail(row.request, error)
+            return None
         return rows, output.past_key_values, attention, self._step(rows, output.logits[:, -1, :])
 
     def _step(self, rows: list[_Row], logits: torch.Tensor) -> torch.Tensor:
@@ -271,11 +344,18 @@ class GenerationEngine:
                 values = logits[index, seen]
                 logits[index, seen] = torch.where(values > 0, values / penalty, values * penalty)
         greedy = logits.argmax(-1).tolist()
-        chosen = [greedy[index] if row.done or row.request.params.temperature <= 0 else self._sample(logits[index], row)
-                  for index, row in enumerate(rows)]
-        for row, token in zip(rows, chosen):
-            if not row.done:
-                self._advance(row, token)
+        chosen = list(greedy)
+        for index, row in enumerate(rows):
+            if row.done:
+                continue
+            try:
+                if row.request.params.temperature > 0:
+                    chosen[index] = self._sample(logits[index], row)
+                self._advance(row, chosen[index])
+            except Exception as error:  # this row's sampling or text: it alone ends, the batch goes on
+                logger.exception("a request failed while decoding")
+                row.done = True
+                _fail(row.request, error)
         return torch.tensor(chosen, dtype=torch.long, device=self.model.device)
 
     def _take_waiting(self, adapter: str | None, room: int) -> list[Request]:
@@ -327,26 +407,42 @@ class GenerationEngine:
             at = text.find(stop, max(0, row.sent - len(stop) + 1))
             if at >= 0:
                 if at > row.sent:
-                    row.request.sink(text[row.sent:at])
+                    row.request.emit(text[row.sent:at])
                 row.sent = at
                 return True
         ready = len(text)
+        # A character whose last bytes are still to come; at the end (an answer cut at its token limit
+        # inside a character) they never come: the answer ends before it, not with a replacement sign.
+        if text.endswith("\ufffd"):
+            ready = len(text.rstrip("\ufffd"))
         if not final:
-            if text.endswith("\ufffd"):  # a character whose last bytes are still to come
-                ready = len(text.rstrip("\ufffd"))
             for stop in row.stop_strings:  # the tail that may still grow into a stop string
                 for size in range(min(len(stop) - 1, ready), 0, -1):
                     if text[:ready].endswith(stop[:size]):
                         ready -= size
                         break
         if ready > row.sent:
-            row.request.sink(text[row.sent:ready])
+            row.request.emit(text[row.sent:ready])
             row.sent = ready
         return False
 
     def _finish(self, row: _Row, reason: str) -> None:
         row.done = True
-        row.request.sink(Finished(reason, len(row.tokens), len(row.request.prompt_ids)))
+        row.request.emit(Finished(reason, len(row.tokens), len(row.request.prompt_ids)))
+
+
+def _fail(request: Request, error: Exception) -> None:
+    request.emit(Finished("error", 0, len(request.prompt_ids), f"{type(error).__name__}: {error}"))
+
+
+def _generator(params: SamplingParams):
+    """The row's random numbers: seeded when asked (any integer, folded to the 64 bits torch takes), else fresh."""
+    if params.temperature <= 0:
+        return None
+    generator = torch.Generator(device="cpu")
+    seed = params.seed if params.seed is not None else int.from_bytes(uuid.uuid4().bytes[:6], "little")
+    generator.manual_seed(seed & SEED_BITS)
+    return generator
 
 
 def _joinable(cache) -> bool:

@@ -137,3 +137,78 @@ def test_closing_stops_the_worker_and_ends_running_requests(chat_model):
     engine.close()
     assert not engine._worker.is_alive()
     assert isinstance(events[-1], Finished) and events[-1].reason == "cancelled" and events[-1].completion_tokens < 500
+
+
+class FailingPrefill:
+    """The tiny model, except that a prefill whose prompts hold `poison` fails (as a model running out of
+    memory on one request's prompt would)."""
+
+    def __init__(self, model, poison: int):
+        self.model, self.poison = model, poison
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def __call__(self, input_ids, **kwargs):
+        if input_ids.shape[1] > 1 and (input_ids == self.poison).any():
+            raise RuntimeError("out of memory (simulated)")
+        return self.model(input_ids=input_ids, **kwargs)
+
+
+def test_one_failing_request_ends_alone_and_every_other_is_answered(chat_model):
+    import queue
+
+    ids = [prompt(chat_model, question) for question in QUESTIONS]
+    poison = chat_model.tokenizer("☢", add_special_tokens=False)["input_ids"][-1]
+    model = FailingPrefill(chat_model.model, poison)
+    engine = GenerationEngine(model, chat_model.tokenizer, chat_model.stop_token_ids, 1024, gather_seconds=0.5)
+    try:
+        alone = [engine.generate(row, SamplingParams(max_new_tokens=8, stop=["never"]))[0] for row in ids]
+        # Settings the engine cannot use are refused before they reach a batch.
+        with pytest.raises(ValueError, match="top_p must be a number in"):
+            engine.submit(ids[0], SamplingParams(top_p=float("nan")), lambda event: None)
+        # Three requests in one batch: the second one's caller fails on its first piece of text.
+        events = {name: queue.Queue() for name in ("first", "broken", "third", "late")}
+
+        def broken_sink(event):
+            events["broken"].put(event)
+            raise RuntimeError("the caller's sink failed")
+
+        long = SamplingParams(max_new_tokens=200, stop=["never"])
+        engine.submit(ids[0], long, events["first"].put)
+        engine.submit(ids[1], SamplingParams(max_new_tokens=8, stop=["never"]), broken_sink)
+        engine.submit(ids[2], SamplingParams(max_new_tokens=8, stop=["never"]), events["third"].put)
+
+        def whole(name):
+            pieces = []
+            while not isinstance(event := events[name].get(timeout=120), Finished):
+                pieces.append(event)
+            return "".join(pieces), event
+
+        assert whole("third") == (alone[2], Finished("length", 8, len(ids[2])))
+        assert whole("broken")[1].reason == "cancelled"
+        # A request that joins the running batch and whose prefill fails ends with an error; the rest go on.
+        while engine.active_rows != 1:
+            time.sleep(0.01)
+        engine.submit(ids[1][:-1] + [poison, ids[1][-1]], SamplingParams(max_new_tokens=8), events["late"].put)
+        text, finished = whole("late")
+        assert (text, finished.reason) == ("", "error") and "out of memory (simulated)" in finished.error
+        text, finished = whole("first")
+        assert finished.reason == "length" and finished.completion_tokens == 200 and text.startswith(alone[0])
+    finally:
+        engine.close()
+
+
+def test_an_answer_cut_inside_a_character_ends_before_it(chat_model, engine):
+    from medgpt.engine import _Row
+
+    tokens = chat_model.tokenizer("高血压患者", add_special_tokens=False)["input_ids"]
+    cut = next(k for k in range(1, len(tokens)) if chat_model.tokenizer.decode(tokens[:k]).endswith("\ufffd")
+               and chat_model.tokenizer.decode(tokens[:k]).rstrip("\ufffd"))  # inside a character after the first
+    pieces, finished = [], []
+    row = _Row(Request([1], SamplingParams(max_new_tokens=cut), lambda e: (finished if isinstance(e, Finished) else pieces).append(e)), [], None)
+    for token in tokens[:cut]:
+        engine._advance(row, token)
+    assert finished[0].reason == "length"
+    text = "".join(pieces)
+    assert text and "\ufffd" not in text and "高血压患者".startswith(text)
