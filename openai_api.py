@@ -34,11 +34,14 @@ class ApiArguments:
     max_queue: int = field(default=64, metadata={"help": "Waiting requests beyond this are answered 503."})
     context_length: int | None = field(default=None, metadata={"help": "Prompt + answer tokens; default: the "
                                                                        "model's."})
+    max_request_bytes: int = field(default=4 << 20, metadata={"help": "Largest request body accepted; larger "
+                                                                      "ones are answered 413."})
 
     def __post_init__(self):
         at_least(self, "port", 0)
         at_least(self, "max_batch_size", 1)
         at_least(self, "max_queue", 1)
+        at_least(self, "max_request_bytes", 1)
         self.api_key = self.api_key or os.environ.get("MEDGPT_API_KEY") or None
         adapters = {}
         for entry in self.lora_modules:
@@ -51,9 +54,7 @@ class ApiArguments:
 
 @exit_on_input_error
 def main(argv=None):
-    import uvicorn
-
-    from medgpt.api import ModelService, build_app, check_port_free
+    from medgpt.api import ModelService, check_port_free, serve
 
     model_args, api_args = parse_args((InferenceModelArguments, ApiArguments), argv)
     setup_logging()
@@ -65,9 +66,10 @@ def main(argv=None):
     engine = chat_model.start_engine(api_args.context_length, api_args.max_batch_size, api_args.max_queue)
     name = api_args.served_model_name or os.path.basename(os.path.normpath(model_args.lora_model or model_args.base_model))
     service = ModelService(engine, chat_model.chat_format, chat_model.tokenizer, name,
-                           {adapter: adapter for adapter in api_args.adapters}, api_args.api_key)
+                           {adapter: adapter for adapter in api_args.adapters}, api_args.api_key,
+                           api_args.max_request_bytes)
     logger.info("serving %s on http://%s:%d/v1", ", ".join(service.models), api_args.host, api_args.port)
-    uvicorn.run(build_app(service), host=api_args.host, port=api_args.port, log_level="warning")
+    serve(service, api_args.host, api_args.port)
 
 
 if __name__ == "__main__":

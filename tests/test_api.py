@@ -56,7 +56,7 @@ def server(tiny_model_dir, adapters, tmp_path_factory):
     if process.poll() is not None:
         log.seek(0)
         pytest.fail(f"the API did not start:\n{log.read()[-3000:]}")
-    yield {"base": base, "port": port, "process": process}
+    yield {"base": base, "port": port, "process": process, "log": log.name}
     process.terminate()
     process.wait(timeout=30)
 
@@ -180,7 +180,7 @@ def test_simple_chat_and_diagnose_endpoints(server):
     assert [m["role"] for m in second["history"]] == ["user", "assistant"] * 2
     diagnosis = post("/diagnose", {"patient_info": "男，45岁", "symptoms": "胸闷", "test_results": "血压160/100", "max_tokens": 6,
                                   "model": "doctor"})
-    assert diagnosis["assessment"] and diagnosis["disclaimer"]
+    assert diagnosis["diagnosis"] and diagnosis["disclaimer"]  # the field medical-diagnosis clients read
     with pytest.raises(urllib.error.HTTPError) as error:
         post("/diagnose", {})
     assert error.value.code == 400
@@ -312,3 +312,188 @@ def test_a_full_queue_is_a_503_and_a_client_that_leaves_stops_its_generation(scr
         assert request.cancelled.is_set(), "the generation went on after the client left"
     finally:
         engine.delay = 0.0
+
+
+def raw_post(base, path, data: bytes, key=KEY, timeout=30, method="POST"):
+    """(status, parsed body) of a request sent as given, no client library in between."""
+    import httpx
+
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    response = httpx.request(method, base + path, content=data, headers=headers, timeout=timeout)
+    return response.status_code, response.json()
+
+
+MALFORMED = [  # (route, body, status, param the error names)
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "stream": True, "stream_options": "x"},
+     400, "stream_options"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "stream": True, "stream_options": [1]},
+     400, "stream_options"),
+    ("/v1/chat/completions", {"model": ["tiny"], "messages": [{"role": "user", "content": "Hi"}]}, 400, "model"),
+    ("/v1/chat/completions", {"model": {"id": "tiny"}, "messages": [{"role": "user", "content": "Hi"}]}, 400, "model"),
+    ("/chat", {"model": ["tiny"], "message": "Hi"}, 400, "model"),
+    ("/chat", {"message": "Hi", "history": "earlier"}, 400, "history"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "logprobs": True}, 400, "logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "top_logprobs": 3}, 400, "top_logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}],
+                              "response_format": {"type": "json_object"}}, 400, "response_format"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "presence_penalty": 1}, 400,
+     "presence_penalty"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "tool_choice": "required",
+                              "tools": [BMI_TOOL]}, 400, "tool_choice"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_token": 5}, 400, "max_token"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "seed": 2 ** 70, "temperature": 1},
+     400, "seed"),
+    ("/diagnose", {"symptoms": "fever", "assessment_style": "short"}, 400, "assessment_style"),
+]
+
+
+def test_client_mistakes_are_4xx_in_openais_shape_on_every_route_with_no_traceback(server):
+    with open(server["log"]) as log:
+        log.seek(0, os.SEEK_END)
+        start = log.tell()
+    for route, body, status, param in MALFORMED:
+        code, answer = raw_post(server["base"], route, json.dumps(body).encode())
+        assert (code, answer["error"]["param"]) == (status, param), (route, body, answer)
+        assert set(answer["error"]) == {"message", "type", "param", "code"}
+    code, answer = raw_post(server["base"], "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\ud800 hi"}]}')
+    assert code == 400 and "lone UTF-16 surrogate (\\ud800)" in answer["error"]["message"]
+    deep = b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    code, answer = raw_post(server["base"], "/v1/chat/completions", deep)
+    assert code == 400 and "nests deeper than 32 levels" in answer["error"]["message"]
+    code, answer = raw_post(server["base"], "/v1/no/such/route", b"{}")
+    assert code == 404 and answer["error"]["message"] == "no such route: POST /v1/no/such/route"
+    code, answer = raw_post(server["base"], "/v1/chat/completions", b"", method="GET")
+    assert code == 405 and answer["error"]["type"] == "invalid_request_error"
+    # Defaults of the refused fields, and fields that change nothing, are accepted.
+    fine = {"messages": [{"role": "user", "content": "Hi"}], "model": "doctor", "max_tokens": 2, "logprobs": False,
+            "presence_penalty": 0, "response_format": {"type": "text"}, "user": "u1", "tool_choice": "none",
+            "seed": -(2 ** 63), "temperature": 0.5}
+    assert raw_post(server["base"], "/v1/chat/completions", json.dumps(fine).encode())[0] == 200
+    with open(server["log"]) as log:
+        log.seek(start)
+        assert "Traceback" not in log.read()
+
+
+def test_a_body_over_the_limit_is_a_413_at_once_and_health_answers_meanwhile(server):
+    import httpx
+
+    results = {}
+
+    def send_big():
+        started = time.monotonic()
+        results["big"] = raw_post(server["base"], "/v1/chat/completions", b" " * (10 << 20))
+        results["big_seconds"] = time.monotonic() - started
+
+    sender = threading.Thread(target=send_big)
+    sender.start()
+    started = time.monotonic()
+    assert httpx.get(server["base"] + "/health", timeout=5).status_code == 200
+    health_seconds = time.monotonic() - started
+    sender.join(timeout=30)
+    code, answer = results["big"]
+    assert code == 413 and answer["error"]["code"] == "request_too_large" and "4194304 bytes" in answer["error"]["message"]
+    assert results["big_seconds"] < 1 and health_seconds < 1
+
+    def chunks():  # no Content-Length: the body is stopped once it passes the limit
+        for _ in range(12):
+            yield b" " * (1 << 20)
+
+    response = httpx.post(server["base"] + "/v1/chat/completions", content=chunks(), timeout=30,
+                          headers={"Authorization": f"Bearer {KEY}"})
+    assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
+
+
+def test_a_poisoned_request_harms_no_other_and_sigterm_stops_the_server(tiny_model_dir, tmp_path):
+    import signal
+
+    import httpx
+
+    port = free_port()
+    log = open(tmp_path / "server.log", "w+")
+    process = subprocess.Popen([sys.executable, os.path.join(REPO, "openai_api.py"), "--base_model", tiny_model_dir,
+                                "--template_name", "chatml", "--port", str(port)], cwd=REPO, stdout=log,
+                               stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1"))
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                httpx.get(base + "/health", timeout=1)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        bodies = [{"messages": [{"role": "user", "content": q}], "max_tokens": 40, "temperature": 1, **extra}
+                  for q, extra in ((QUESTIONS[0], {"seed": 1}), ("Hi", {"seed": 2 ** 70}), (QUESTIONS[1], {"seed": 2}))]
+        replies = [None] * 3
+
+        def send(index):
+            replies[index] = raw_post(base, "/v1/chat/completions", json.dumps(bodies[index]).encode(), key=None)
+
+        threads = [threading.Thread(target=send, args=(index,)) for index in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert replies[1][0] == 400 and "-9223372036854775808 to 9223372036854775807" in replies[1][1]["error"]["message"]
+        for code, answer in (replies[0], replies[2]):
+            assert code == 200 and answer["usage"]["completion_tokens"] >= 1
+        # A long answer in flight does not keep the server from stopping.
+        body = {"messages": [{"role": "user", "content": "Tell me everything."}], "max_tokens": 900, "stream": True}
+        with httpx.stream("POST", base + "/v1/chat/completions", json=body, timeout=30) as response:
+            lines = response.iter_lines()
+            next(lines)
+            process.send_signal(signal.SIGTERM)
+            stopped = time.monotonic()
+            try:  # the answer ends, or is cut off once the server stops
+                for _ in lines:
+                    pass
+            except httpx.HTTPError:
+                pass
+        process.wait(timeout=10)
+        assert time.monotonic() - stopped < 10
+    finally:
+        if process.poll() is None:
+            process.kill()
+        log.seek(0)
+        assert "Traceback" not in log.read()
+
+
+@pytest.fixture()
+def endless_server(tiny_model_dir):
+    """The real engine over the tiny model, with no stop token (it answers until its limit), in this process so
+    that the test can watch the engine's rows; an API key is set."""
+    import uvicorn
+
+    from medgpt.api import ModelService, build_app
+    from medgpt.engine import GenerationEngine
+    from medgpt.generation import ChatModel, InferenceModelArguments
+
+    chat_model = ChatModel(InferenceModelArguments(base_model=tiny_model_dir, template_name="chatml"))
+    engine = GenerationEngine(chat_model.model, chat_model.tokenizer, [], context_length=1 << 20)
+    service = ModelService(engine, chat_model.chat_format, chat_model.tokenizer, "tiny", api_key=KEY)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(build_app(service), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", engine
+    server.should_exit = True
+    thread.join(timeout=20)
+    engine.close()
+
+
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/chat"])
+def test_a_client_that_leaves_a_whole_answer_stops_its_row(endless_server, route):
+    import httpx
+
+    base, engine = endless_server
+    body = ({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 100_000} if route != "/chat"
+            else {"message": "Hi", "max_tokens": 100_000})
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up after 2 s and closes the connection
+        httpx.post(base + route, json=body, timeout=2, headers={"Authorization": f"Bearer {KEY}"})
+    assert engine.active_rows == 1  # still decoding when the client left
+    left = time.monotonic()
+    while engine.active_rows and time.monotonic() - left < 2:
+        time.sleep(0.02)
+    assert engine.active_rows == 0, "the row went on after its client left"
