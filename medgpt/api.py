@@ -18,10 +18,7 @@ import socket
 import time
 import uuid
 
-from medgpt.data import RecordError, request_messages
-# Nesting deeper than this in a request body is refused: no chat request needs it, and deeper structures
-# cost recursion in the parser and the template.
-MAX_BODY_DEPTH = 32
+from medgpt.data import RecordError, parse_json, request_messages
 SEED_RANGE = (-(1 << 63), (1 << 63) - 1)  # OpenAI documents `seed` as a signed 64-bit integer
 from medgpt.errors import InputError
 from medgpt.engine import EngineBusy, Finished, SamplingParams
@@ -131,35 +128,17 @@ async def _send_error(send, error: "ApiError") -> None:
 
 
 def parse_body(raw: bytes) -> dict:
-    """A request body as a JSON object, or a 400 saying why not: invalid JSON or UTF-8, nesting deeper than
-    MAX_BODY_DEPTH, or text that is not text (a lone UTF-16 surrogate such as \\ud800, which JSON can
-    escape but no tokenizer can encode)."""
+    """A request body as a JSON object, or a 400 saying why not: invalid JSON or UTF-8, or what makes parsed
+    JSON unusable as records are judged in training data (nesting too deep, a lone UTF-16 surrogate such as
+    \\ud800, which JSON can escape but no tokenizer can encode)."""
     try:
-        body = json.loads(raw)
+        body = parse_json(raw.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ApiError(400, f"the body is not valid JSON: {error}") from None
-    except RecursionError:
-        raise ApiError(400, f"the body nests deeper than {MAX_BODY_DEPTH} levels") from None
+    if isinstance(body, RecordError):
+        raise ApiError(400, f"the body is not usable: {body}")
     if not isinstance(body, dict):
         raise ApiError(400, "the body must be a JSON object")
-    pending = [(value, 2, name) for name, value in body.items()] + [(name, 1, name) for name in body]
-    while pending:  # no recursion: the depth is what is being checked
-        value, depth, param = pending.pop()
-        if depth > MAX_BODY_DEPTH:
-            raise ApiError(400, f"the body nests deeper than {MAX_BODY_DEPTH} levels", param)
-        if isinstance(value, str):
-            if not value.isascii():
-                try:
-                    value.encode("utf-8")
-                except UnicodeEncodeError as error:
-                    bad = value[error.start]
-                    raise ApiError(400, f"'{param}' holds a lone UTF-16 surrogate (\\u{ord(bad):04x}), which is not "
-                                   "text: send valid Unicode", param) from None
-        elif isinstance(value, dict):
-            pending += [(item, depth + 1, param) for item in value.values()]
-            pending += [(key, depth + 1, param) for key in value]
-        elif isinstance(value, list):
-            pending += [(item, depth + 1, param) for item in value]
     return body
 
 

@@ -356,10 +356,10 @@ def test_client_mistakes_are_4xx_in_openais_shape_on_every_route_with_no_traceba
         assert (code, answer["error"]["param"]) == (status, param), (route, body, answer)
         assert set(answer["error"]) == {"message", "type", "param", "code"}
     code, answer = raw_post(server["base"], "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\ud800 hi"}]}')
-    assert code == 400 and "lone UTF-16 surrogate (\\ud800)" in answer["error"]["message"]
+    assert code == 400 and "lone surrogate" in answer["error"]["message"]
     deep = b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
     code, answer = raw_post(server["base"], "/v1/chat/completions", deep)
-    assert code == 400 and "nests deeper than 32 levels" in answer["error"]["message"]
+    assert code == 400 and "nested more than 100 levels deep" in answer["error"]["message"]
     code, answer = raw_post(server["base"], "/v1/no/such/route", b"{}")
     assert code == 404 and answer["error"]["message"] == "no such route: POST /v1/no/such/route"
     code, answer = raw_post(server["base"], "/v1/chat/completions", b"", method="GET")
