@@ -97,6 +97,7 @@ def main(argv=None):
     if training_args.beta not in (orpo_args.orpo_beta, ORPOConfig.beta):
         raise InputError("set the odds-ratio weight with --orpo_beta (--beta is the same setting)")
     training_args.beta = orpo_args.orpo_beta
+    training_args.remove_unused_columns = False  # TRL's ORPO collator needs every column (and says so otherwise)
     training_args.max_length = preference_args.max_length
     train_on_rows(PretokenizedORPOTrainer, model, tokenizer, training_args, train_rows, eval_rows)
 

@@ -61,7 +61,8 @@ for stage in $STAGES; do
       MODEL="$current" OUTPUT_DIR="$OUT/rm" MAX_STEPS="$ALIGN_STEPS" bash scripts/run_rm.sh
       reward_model="$OUT/rm" ;;
     ppo)
-      MODEL="$current" REWARD_MODEL="$reward_model" OUTPUT_DIR="$OUT/ppo" MAX_STEPS="$ALIGN_STEPS" bash scripts/run_ppo.sh
+      MODEL="$current" REWARD_MODEL="$reward_model" OUTPUT_DIR="$OUT/ppo" MAX_STEPS="$ALIGN_STEPS" bash scripts/run_ppo.sh \
+        --overwrite_output_dir True  # a rerun of the pipeline starts over, as every stage does
       merge_into_current "$OUT/ppo" ppo ;;
     dpo|orpo|grpo)
       MODEL="$current" OUTPUT_DIR="$OUT/$stage" MAX_STEPS="$ALIGN_STEPS" bash "scripts/run_$stage.sh"
