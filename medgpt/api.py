@@ -86,7 +86,11 @@ class RequestGuard:
         if error is None and declared.isdigit() and int(declared) > limit:
             error = _too_large(limit)
         if error is not None:
-            await _drain(receive, limit)  # read (and drop) what was sent, so the client reads the answer
+            # Read (and drop) what was sent, so that the client gets to read the answer; not for a client
+            # waiting for "100 Continue" (asking for the body would invite it), and little for one without
+            # the key.
+            if headers.get("expect", "").lower() != "100-continue":
+                await _drain(receive, 16 * max(limit, 1 << 20) if error.status == 413 else 1 << 16)
             return await _send_error(send, error)
 
         received = 0
@@ -108,10 +112,10 @@ def _too_large(limit: int) -> "ApiError":
                     code="request_too_large")
 
 
-async def _drain(receive, limit: int) -> None:
-    """Read a refused request's body without keeping it, up to 16 times the limit (a larger one is cut off)."""
+async def _drain(receive, most: int) -> None:
+    """Read a refused request's body without keeping it, up to `most` bytes (then the connection is cut)."""
     received = 0
-    while received <= 16 * max(limit, 1 << 20):
+    while received <= most:
         message = await receive()
         if message["type"] != "http.request":
             return
@@ -133,7 +137,7 @@ def parse_body(raw: bytes) -> dict:
     \\ud800, which JSON can escape but no tokenizer can encode)."""
     try:
         body = parse_json(raw.decode("utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError, an integer of thousands of digits
         raise ApiError(400, f"the body is not valid JSON: {error}") from None
     if isinstance(body, RecordError):
         raise ApiError(400, f"the body is not usable: {body}")
@@ -183,7 +187,8 @@ def parse_sampling(body: dict, prompt_length: int, engine) -> tuple[SamplingPara
 # accepted only at their default because the answer would not be what they ask for.
 CHAT_FIELDS = {"model", "messages", "tools", "tool_choice", "stream", "stream_options", "temperature", "top_p",
                "top_k", "n", "seed", "stop", "max_tokens", "max_completion_tokens", "repetition_penalty"}
-NEUTRAL_FIELDS = {"user", "metadata", "store", "service_tier", "parallel_tool_calls"}
+NEUTRAL_FIELDS = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "prompt_cache_key",
+                  "safety_identifier"}
 UNSUPPORTED_UNLESS_DEFAULT = {
     "logprobs": (lambda v: v in (None, False), "log-probabilities are not returned by this server"),
     "top_logprobs": (lambda v: v in (None, 0), "log-probabilities are not returned by this server"),

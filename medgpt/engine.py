@@ -164,6 +164,12 @@ class GenerationEngine:
             raise ValueError("the prompt is empty")
         request = Request(prompt_ids, params, sink, adapter)
         with self._ready:
+            if self._closed:
+                raise EngineBusy("the server is stopping")
+            if len(self._pending) >= self.max_queue:  # requests whose clients left give their places up first
+                for waiting in [waiting for waiting in self._pending if waiting.cancelled.is_set()]:
+                    self._pending.remove(waiting)
+                    self._skip_cancelled(waiting)
             if len(self._pending) >= self.max_queue:
                 raise EngineBusy(f"the server is busy: {self.max_queue} requests are waiting")
             self._pending.append(request)
@@ -372,7 +378,8 @@ class GenerationEngine:
     @staticmethod
     def _sample(logits: torch.Tensor, row: _Row) -> int:
         params = row.request.params
-        logits = logits / params.temperature
+        likeliest = int(logits.argmax())
+        logits = (logits - logits.max()) / params.temperature  # shifted first: a tiny temperature cannot overflow
         if params.top_k > 0:
             threshold = torch.topk(logits, min(params.top_k, logits.numel())).values[-1]
             logits = logits.masked_fill(logits < threshold, float("-inf"))
@@ -382,6 +389,8 @@ class GenerationEngine:
             outside = ordered.cumsum(-1) - ordered > params.top_p  # keep the smallest set reaching top_p
             ordered[outside] = 0
             probabilities = torch.zeros_like(probabilities).scatter(0, order, ordered)
+        if not bool(torch.isfinite(probabilities).all()) or float(probabilities.sum()) <= 0:
+            return likeliest  # settings at the edge of what floats hold (e.g. a tiny repetition_penalty)
         return int(torch.multinomial(probabilities, 1, generator=row.generator))
 
     def _advance(self, row: _Row, token: int) -> None:
@@ -418,7 +427,7 @@ class GenerationEngine:
         if not final:
             for stop in row.stop_strings:  # the tail that may still grow into a stop string
                 for size in range(min(len(stop) - 1, ready), 0, -1):
-                    if text[:ready].endswith(stop[:size]):
+                    if text.endswith(stop[:size], 0, ready):  # no copy of the text per size
                         ready -= size
                         break
         if ready > row.sent:

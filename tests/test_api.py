@@ -1,5 +1,6 @@
 """openai_api.py on loopback with a tiny model, driven by the official `openai` client."""
 
+import contextlib
 import json
 import os
 import socket
@@ -233,26 +234,38 @@ class ScriptedEngine:
         return request
 
 
-@pytest.fixture(scope="module")
-def scripted(tokenizer_dir):
+@contextlib.contextmanager
+def served_in_thread(service):
+    """The API over `service` on a free loopback port in a thread of this process: its base URL."""
     import uvicorn
-    from transformers import AutoTokenizer
 
-    from medgpt.api import ModelService, build_app
-    from medgpt.chat import ChatFormat
+    from medgpt.api import build_app
 
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    engine = ScriptedEngine('Let me check.\n<tool_call>\n{"name": "bmi", "arguments": {"kg": 70, "m": 1.75}}\n</tool_call>')
-    service = ModelService(engine, ChatFormat.for_model("qwen", tokenizer), tokenizer, "scripted")
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(build_app(service), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:
         time.sleep(0.05)
-    yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0), engine, tokenizer
-    server.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=20)
+
+
+@pytest.fixture(scope="module")
+def scripted(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    from medgpt.api import ModelService
+    from medgpt.chat import ChatFormat
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    engine = ScriptedEngine('Let me check.\n<tool_call>\n{"name": "bmi", "arguments": {"kg": 70, "m": 1.75}}\n</tool_call>')
+    service = ModelService(engine, ChatFormat.for_model("qwen", tokenizer), tokenizer, "scripted")
+    with served_in_thread(service) as base:
+        yield openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0), engine, tokenizer
 
 
 BMI_TOOL = {"type": "function", "function": {"name": "bmi", "description": "Body-mass index",
@@ -360,6 +373,8 @@ def test_client_mistakes_are_4xx_in_openais_shape_on_every_route_with_no_traceba
     deep = b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
     code, answer = raw_post(server["base"], "/v1/chat/completions", deep)
     assert code == 400 and "nested more than 100 levels deep" in answer["error"]["message"]
+    code, answer = raw_post(server["base"], "/v1/chat/completions", b'{"seed": ' + b"7" * 5000 + b"}")
+    assert code == 400 and "not valid JSON" in answer["error"]["message"]  # Python's cap on integer digits
     code, answer = raw_post(server["base"], "/v1/no/such/route", b"{}")
     assert code == 404 and answer["error"]["message"] == "no such route: POST /v1/no/such/route"
     code, answer = raw_post(server["base"], "/v1/chat/completions", b"", method="GET")
@@ -369,6 +384,10 @@ def test_client_mistakes_are_4xx_in_openais_shape_on_every_route_with_no_traceba
             "presence_penalty": 0, "response_format": {"type": "text"}, "user": "u1", "tool_choice": "none",
             "seed": -(2 ** 63), "temperature": 0.5}
     assert raw_post(server["base"], "/v1/chat/completions", json.dumps(fine).encode())[0] == 200
+    edge = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "temperature": 1e-45,
+            "repetition_penalty": 1e-45}  # at the edge of what floats hold: still an answer
+    code, answer = raw_post(server["base"], "/v1/chat/completions", json.dumps(edge).encode())
+    assert code == 200 and answer["usage"]["completion_tokens"] >= 1
     with open(server["log"]) as log:
         log.seek(start)
         assert "Traceback" not in log.read()
@@ -462,24 +481,15 @@ def test_a_poisoned_request_harms_no_other_and_sigterm_stops_the_server(tiny_mod
 def endless_server(tiny_model_dir):
     """The real engine over the tiny model, with no stop token (it answers until its limit), in this process so
     that the test can watch the engine's rows; an API key is set."""
-    import uvicorn
-
-    from medgpt.api import ModelService, build_app
+    from medgpt.api import ModelService
     from medgpt.engine import GenerationEngine
     from medgpt.generation import ChatModel, InferenceModelArguments
 
     chat_model = ChatModel(InferenceModelArguments(base_model=tiny_model_dir, template_name="chatml"))
     engine = GenerationEngine(chat_model.model, chat_model.tokenizer, [], context_length=1 << 20)
     service = ModelService(engine, chat_model.chat_format, chat_model.tokenizer, "tiny", api_key=KEY)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(build_app(service), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", engine
-    server.should_exit = True
-    thread.join(timeout=20)
+    with served_in_thread(service) as base:
+        yield base, engine
     engine.close()
 
 

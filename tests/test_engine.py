@@ -136,6 +136,8 @@ def test_closing_stops_the_worker_and_ends_running_requests(chat_model):
         time.sleep(0.01)
     engine.close()
     assert not engine._worker.is_alive()
+    with pytest.raises(EngineBusy, match="the server is stopping"):  # never queued where no worker answers
+        engine.submit(prompt(chat_model, QUESTIONS[0]), SamplingParams(), events.append)
     assert isinstance(events[-1], Finished) and events[-1].reason == "cancelled" and events[-1].completion_tokens < 500
 
 
