@@ -16,7 +16,7 @@ export MEDGPT_API_KEY=${API_KEY:-${MEDGPT_API_KEY:-}}   # empty: no key needed
 
 ensure_model "$MODEL"
 # shellcheck disable=SC2086  # LORA_MODULES is a list of name=path words
-"$PYTHON" openai_api.py --base_model "$MODEL" --template_name "$TEMPLATE" --host "$HOST" --port "$PORT" \
+exec "$PYTHON" openai_api.py --base_model "$MODEL" --template_name "$TEMPLATE" --host "$HOST" --port "$PORT" \
   --max_batch_size "$MAX_BATCH_SIZE" \
   ${SERVED_MODEL_NAME:+--served_model_name "$SERVED_MODEL_NAME"} \
   ${LORA_MODULES:+--lora_modules $LORA_MODULES} "$@"

@@ -11,5 +11,5 @@ HOST=${HOST:-127.0.0.1}
 PORT=${PORT:-7860}
 
 ensure_model "$MODEL"
-"$PYTHON" gradio_demo.py --base_model "$MODEL" ${LORA_MODEL:+--lora_model "$LORA_MODEL"} --template_name "$TEMPLATE" \
+exec "$PYTHON" gradio_demo.py --base_model "$MODEL" ${LORA_MODEL:+--lora_model "$LORA_MODEL"} --template_name "$TEMPLATE" \
   --host "$HOST" --port "$PORT" "$@"

@@ -79,3 +79,38 @@ def test_the_scripts_prefer_the_venv_then_a_python_with_torch_else_say_how_to_ma
     # ... and PYTHON over both.
     result = serve_api(root, new_shell(str(bin_dir), PYTHON=str(bin_dir / "python")))
     assert result.stdout.startswith("python on PATH: openai_api.py")
+
+
+@pytest.mark.parametrize("script, health", [("serve_api.sh", "/health"), ("serve_gradio.sh", "/")])
+def test_sigterm_to_a_serving_script_stops_its_server(tiny_model_dir, tmp_path, script, health):
+    """A process manager stops a service by signalling the process it started: the script itself. The server
+    must go with it, not live on as an orphan holding the port."""
+    import signal
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = open(tmp_path / "server.log", "w+")
+    process = subprocess.Popen(["bash", os.path.join(REPO, "scripts", script)], cwd=tmp_path, stdout=log,
+                               stderr=subprocess.STDOUT, env=dict(os.environ, MODEL=tiny_model_dir, TEMPLATE="chatml",
+                                                                  PORT=str(port), OMP_NUM_THREADS="1"))
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}{health}", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.5)
+        assert process.poll() is None, open(tmp_path / "server.log").read()[-3000:]
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=15)
+        with pytest.raises(OSError):  # nobody is listening any more
+            urllib.request.urlopen(f"http://127.0.0.1:{port}{health}", timeout=2)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        subprocess.run(["pkill", "-f", "--", f"--port {port}"], check=False)  # an orphan of a failed run
