@@ -14,7 +14,7 @@ from medgpt.arguments import parse_args, setup_logging
 from medgpt.errors import InputError, exit_on_input_error
 from medgpt.modeling import (adapter_base_model, check_adapter_path, check_model_path, hub_kwargs, load_adapter,
                              resolve_dtype, tokenizer_folder)
-from medgpt.outputs import publish_model_folder, same_folder, staging_folder
+from medgpt.outputs import check_not_replacing, publish_model_folder, staging_folder
 
 logger = logging.getLogger(__name__)
 
@@ -42,9 +42,7 @@ def check_paths(args: MergeArguments) -> None:
         raise InputError("the adapter does not name its base model: pass --base_model", args.lora_model)
     check_model_path(args.base_model, "--base_model")
     # The base named by the adapter is known only here, so this check is not left to parse_args.
-    for flag, source in (("--lora_model", args.lora_model), ("--base_model", args.base_model)):
-        if same_folder(args.output_dir, source):
-            raise InputError(f"--output_dir is the {flag} folder, which the merge would destroy: write elsewhere", args.output_dir)
+    check_not_replacing(args.output_dir, [("--lora_model", args.lora_model), ("--base_model", args.base_model)])
     if os.path.isdir(args.output_dir) and os.listdir(args.output_dir) and not args.overwrite:
         raise InputError("output folder is not empty: pass --overwrite True to replace its model files", args.output_dir)
 

@@ -19,8 +19,8 @@ from transformers import HfArgumentParser
 from medgpt.allocator import describe_allocator
 from medgpt.errors import InputError
 from medgpt.outputs import (
-    check_apart_from_inputs, check_earlier_run, check_inputs_outside_checkpoints, check_output_dir, resolve_checkpoint,
-    same_folder,
+    check_apart_from_inputs, check_earlier_run, check_inputs_outside_checkpoints, check_not_replacing, check_output_dir,
+    resolve_checkpoint,
 )
 
 logger = logging.getLogger(__name__)
@@ -448,10 +448,7 @@ def input_paths(parsed) -> list[tuple[str, str]]:
 
 def check_outputs_apart_from_inputs(parsed) -> None:
     values = {name: getattr(args, name) for args in parsed for name in INPUT_FOLDERS + DATA_FOLDERS + ("output_dir",) if hasattr(args, name)}
-    for name in INPUT_FOLDERS:
-        if same_folder(values.get("output_dir"), values.get(name)):
-            raise InputError(f"--output_dir is the --{name} folder, which the results would replace: write elsewhere",
-                             values["output_dir"])
+    check_not_replacing(values.get("output_dir"), [(f"--{name}", values.get(name)) for name in INPUT_FOLDERS])
     check_apart_from_inputs(values.get("output_dir"), [(f"--{name}", values.get(name)) for name in DATA_FOLDERS])
 
 

@@ -70,6 +70,15 @@ def same_folder(first: str | None, second: str | None) -> bool:
     return os.path.samefile(first, second)
 
 
+def check_not_replacing(output: str | None, inputs, flag: str = "--output_dir") -> None:
+    """Refuse an output folder that is one of the folders a run reads (`inputs`: (flag, path) pairs):
+    the results written there would replace what is being read."""
+    for input_flag, path in inputs:
+        if same_folder(output, path):
+            raise InputError(f"{flag} is the {input_flag} folder, which the results would replace: write elsewhere",
+                             output)
+
+
 def check_output_file(path: str | None, flag: str = "--output_file") -> None:
     """A file path that can be written: not a folder, its folder not a file."""
     if not path:

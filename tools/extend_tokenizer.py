@@ -35,7 +35,7 @@ from medgpt.arguments import at_least, parse_args, require, setup_logging  # noq
 from medgpt.data import DataReport  # noqa: E402
 from medgpt.errors import InputError, exit_on_input_error  # noqa: E402
 from medgpt.modeling import check_model_path, hub_kwargs  # noqa: E402
-from medgpt.outputs import check_apart_from_inputs, same_folder  # noqa: E402
+from medgpt.outputs import check_apart_from_inputs, check_not_replacing  # noqa: E402
 
 logger = logging.getLogger("extend_tokenizer")
 
@@ -72,9 +72,7 @@ def main(argv=None):
     (args,) = parse_args((ExtendTokenizerArguments,), argv)
     setup_logging()
     model_path = check_model_path(args.model_name_or_path)
-    if same_folder(args.output_dir, model_path):
-        raise InputError("--output_dir is the --model_name_or_path folder, which the extended model would replace: "
-                         "write elsewhere", args.output_dir)
+    check_not_replacing(args.output_dir, [("--model_name_or_path", model_path)])
     domain_tokenizer.check_new_model_folder(args.output_dir, args.overwrite)
     for path in args.corpus:
         if not os.path.exists(path):
