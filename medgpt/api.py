@@ -11,6 +11,7 @@ and tokenized off the event loop; a client that disconnects, streaming or not, s
 """
 
 import asyncio
+import contextlib
 import hmac
 from dataclasses import replace
 import json
@@ -19,9 +20,11 @@ import time
 import uuid
 
 from medgpt.data import RecordError, parse_json, request_messages
-SEED_RANGE = (-(1 << 63), (1 << 63) - 1)  # OpenAI documents `seed` as a signed 64-bit integer
 from medgpt.errors import InputError
 from medgpt.engine import EngineBusy, Finished, SamplingParams
+
+SEED_RANGE = (-(1 << 63), (1 << 63) - 1)  # OpenAI documents `seed` as a signed 64-bit integer
+DISCONNECT_POLL_SECONDS = 0.25  # how often a whole answer's client is checked for having left
 
 DISCLAIMER = ("For research and education only: not medical advice. Consult a qualified clinician for diagnosis "
               "and treatment; in an emergency call your local emergency number.")
@@ -498,28 +501,23 @@ def serve(service: ModelService, host: str, port: int, grace_seconds: float = 5)
     Server(config).run()
 
 
-class _cancel_on_disconnect:
+@contextlib.asynccontextmanager
+async def _cancel_on_disconnect(request, requests: list):
     """While a whole (non-streamed) answer is being generated, watch the client: once it has gone, its
     requests are cancelled and the engine stops their rows at the next token. Leaving the block cancels them
     too, so an answer abandoned for any reason stops generating."""
-
-    POLL_SECONDS = 0.25
-
-    def __init__(self, request, requests: list):
-        self.request, self.requests = request, requests
-
-    async def _watch(self):
-        while not await self.request.is_disconnected():
-            await asyncio.sleep(self.POLL_SECONDS)
-        for submitted in self.requests:
+    async def watch():
+        while not await request.is_disconnected():
+            await asyncio.sleep(DISCONNECT_POLL_SECONDS)
+        for submitted in requests:
             submitted.cancel()
 
-    async def __aenter__(self):
-        self.watcher = asyncio.create_task(self._watch())
-
-    async def __aexit__(self, *_):
-        self.watcher.cancel()
-        for submitted in self.requests:
+    watcher = asyncio.create_task(watch())
+    try:
+        yield
+    finally:
+        watcher.cancel()
+        for submitted in requests:
             submitted.cancel()
 
 

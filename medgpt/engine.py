@@ -17,6 +17,7 @@ the model's forward pass ends the rows that shared it; every request taken from 
 import atexit
 import contextlib
 import logging
+import math
 import queue
 import threading
 import time
@@ -67,8 +68,6 @@ class SamplingParams:
 
 
 def _number(value) -> bool:
-    import math
-
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
