@@ -162,3 +162,16 @@ def small_vocab_model_dir(tmp_path_factory):
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+def exit_of_a_main_raising(error: BaseException, capsys) -> tuple[int, str]:
+    """(exit status, stderr) of a script's main, wrapped as every script's is, that raises `error`."""
+    from medgpt.errors import exit_on_input_error
+
+    @exit_on_input_error
+    def main():
+        raise error
+
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    return exit_info.value.code, capsys.readouterr().err.strip()

@@ -16,7 +16,7 @@ import threading
 
 import pytest
 
-from conftest import REPO, run_main, run_script
+from conftest import REPO, exit_of_a_main_raising, run_main, run_script
 
 GOOD = {"conversations": [{"from": "human", "value": "What is a fever?"}, {"from": "gpt", "value": "A raised body temperature."}]}
 PAIR = {"conversations": [{"from": "human", "value": "Can I take ibuprofen?"}], "chosen": "With food, yes.", "rejected": "Take double."}
@@ -252,13 +252,4 @@ def test_a_missing_model_folder_fails_at_once_without_asking_the_hub(script, fla
 
 
 def test_ctrl_c_ends_a_program_with_one_line_and_status_130(capsys):
-    from medgpt.errors import exit_on_input_error
-
-    @exit_on_input_error
-    def interrupted_main():
-        raise KeyboardInterrupt
-
-    with pytest.raises(SystemExit) as exit_info:
-        interrupted_main()
-    assert exit_info.value.code == 130
-    assert capsys.readouterr().err.strip() == "interrupted"
+    assert exit_of_a_main_raising(KeyboardInterrupt(), capsys) == (130, "interrupted")

@@ -19,7 +19,7 @@ import tempfile
 
 import pytest
 
-from conftest import REPO, run_main, run_script, tiny_training_flags
+from conftest import REPO, exit_of_a_main_raising, run_main, run_script, tiny_training_flags
 
 GOOD = {"conversations": [{"from": "human", "value": "What is a fever?"}, {"from": "gpt", "value": "A raised body temperature."}]}
 # Written as JSON text: the escape is what a JSON file holds.
@@ -504,14 +504,7 @@ def test_a_full_disk_is_told_apart_from_other_errors(tmp_path, capsys):
     wrapped.__cause__ = OSError(errno.ENOSPC, "No space left on device", "/data/out/model.safetensors")
     assert is_disk_full(wrapped)
 
-    @exit_on_input_error
-    def main():
-        raise wrapped
-
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    assert exit_info.value.code == 1
-    assert capsys.readouterr().err.strip() == "error: /data/out/model.safetensors: no space left on device"
+    assert exit_of_a_main_raising(wrapped, capsys) == (1, "error: /data/out/model.safetensors: no space left on device")
 
     @exit_on_input_error
     def other():
